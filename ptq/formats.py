@@ -1,0 +1,375 @@
+"""The one quantization grid of the toolkit: spec strings, quantize, dequantize, fake-quantize.
+
+Every method (RTN, GPTQ, the STE layers of `qaft`, the evaluators) rounds through the functions
+here, so "int3-g64" means exactly the same set of representable weights everywhere.
+
+Spec strings (DESIGN.md): a format followed by a scaling granularity.
+  format       int{b}        asymmetric integer grid, b in 2..8: codes 0..2^b-1, a scale and an
+                             integer zero point per block, w_hat = (q - z) * s.
+               int{b}-sym    symmetric integer grid: codes -2^(b-1)..2^(b-1)-1, zero point 0,
+                             s = absmax / ((2^b - 1) / 2)  (all 2^b levels used, as in GPTQ).
+               e{E}m{M}      floating point with E exponent and M mantissa bits, subnormals, bias
+                             2^(E-1)-1 and no inf/nan codes, so every exponent field is a normal
+                             binade: e2m1 = {0, .5, 1, 1.5, 2, 3, 4, 6}; e4m3 max is 480 (not the
+                             OCP 448, which keeps a NaN code). s = absmax / format_max.
+               fp4 = e2m1, fp8 = e4m3, fp16 = e5m10, bf16 = e8m7 (aliases).
+  granularity  -g{G}  one scale per G consecutive input columns of each output row,
+               -ch    one scale per output row (the default when omitted),
+               -t     one scale for the whole tensor.
+A weight is (out_features, in_features); tensors of other ranks are read as (prod(leading), last).
+`str(spec)` gives the canonical string back ("int4" -> "int4-ch", "fp4-g32" -> "e2m1-g32").
+
+Arithmetic is float32, except formats whose range leaves float32 (E = 8), which use float64.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "SpecError",
+    "QuantSpec",
+    "QParams",
+    "QuantizedTensor",
+    "ClipSearch",
+    "parse_spec",
+    "compute_qparams",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "fake_quantize_with",
+]
+
+FLOAT_ALIASES = {"fp4": (2, 1), "fp8": (4, 3), "fp16": (5, 10), "bf16": (8, 7)}
+INT_BITS = range(2, 9)
+EXP_BITS = range(1, 9)
+MAN_BITS = range(0, 24)
+
+_SPEC_RE = re.compile(
+    r"^(?:int(?P<bits>\d+)(?P<sym>-sym)?|e(?P<E>\d+)m(?P<M>\d+)|(?P<alias>fp4|fp8|fp16|bf16))"
+    r"(?:-(?:g(?P<group>\d+)|(?P<ch>ch)|(?P<t>t)))?$"
+)
+
+_SPEC_HELP = (
+    "write int{b}[-sym] (b in 2..8) or e{E}m{M} (E in 1..8, M in 0..23; aliases fp4, fp8, fp16, "
+    "bf16), then -g{G}, -ch or -t, e.g. int3-g64, int4-sym-ch, e2m1-g32"
+)
+
+
+class SpecError(ValueError):
+    """A quantization spec that is malformed or does not fit the tensor it is applied to."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A parsed spec string. Build it with `parse_spec`; `str()` gives the canonical string."""
+
+    kind: str  # "int" or "float"
+    bits: int  # total bits of one code: b for int, 1 + E + M for float
+    symmetric: bool = False
+    exp_bits: int = 0
+    man_bits: int = 0
+    granularity: str = "channel"  # "channel", "group" or "tensor"
+    group_size: int = 0
+
+    def __post_init__(self):
+        if self.kind == "int":
+            if self.bits not in INT_BITS:
+                raise SpecError(f"int{self.bits}: integer grids have 2..8 bits; {_SPEC_HELP}")
+        elif self.kind == "float":
+            if self.exp_bits not in EXP_BITS or self.man_bits not in MAN_BITS:
+                raise SpecError(
+                    f"e{self.exp_bits}m{self.man_bits}: E must be in 1..8 and M in 0..23; "
+                    f"{_SPEC_HELP}"
+                )
+            if self.bits != 1 + self.exp_bits + self.man_bits:
+                raise SpecError(f"float spec bits={self.bits} must equal 1 + E + M")
+            if self.symmetric:
+                raise SpecError("floating-point grids are symmetric already; drop -sym")
+        else:
+            raise SpecError(f"kind={self.kind!r} is neither 'int' nor 'float'")
+        if self.granularity == "group":
+            if self.group_size < 1:
+                raise SpecError(f"group size must be a positive integer, got {self.group_size}")
+        elif self.granularity in ("channel", "tensor"):
+            if self.group_size != 0:
+                raise SpecError(f"group_size is only meaningful with -g, not -{self.granularity}")
+        else:
+            raise SpecError(f"granularity={self.granularity!r}: use 'channel', 'group' or 'tensor'")
+
+    def __str__(self) -> str:
+        if self.kind == "int":
+            head = f"int{self.bits}" + ("-sym" if self.symmetric else "")
+        else:
+            head = f"e{self.exp_bits}m{self.man_bits}"
+        tail = {"channel": "-ch", "tensor": "-t"}.get(self.granularity, f"-g{self.group_size}")
+        return head + tail
+
+    # --- grid constants -------------------------------------------------------------------
+    @property
+    def qmin(self) -> int:
+        """Smallest integer code (int grids)."""
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code (int grids)."""
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def bias(self) -> int:
+        """Exponent bias of a float grid."""
+        return 2 ** (self.exp_bits - 1) - 1
+
+    @property
+    def float_max(self) -> float:
+        """Largest finite magnitude of a float grid (all exponent fields are normal binades)."""
+        emax = 2**self.exp_bits - 1 - self.bias
+        return 2.0**emax * (2.0 - 2.0**-self.man_bits)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """float32 unless the float grid's range or smallest subnormal leaves float32."""
+        return torch.float64 if self.kind == "float" and self.exp_bits >= 8 else torch.float32
+
+    def check_shape(self, in_features: int, where: str = "the tensor") -> None:
+        """Raise a SpecError naming `where` when the group size does not divide in_features."""
+        if self.granularity != "group" or in_features % self.group_size == 0:
+            return
+        divisors = [d for d in (32, 64, 96, 128, 192, 256) if in_features % d == 0]
+        hint = " or ".join(str(d) for d in divisors[:3]) if divisors else "a divisor of it"
+        raise SpecError(
+            f"group_size={self.group_size} does not divide in_features={in_features} of {where}; "
+            f"use a divisor such as {hint}, or -ch"
+        )
+
+
+def parse_spec(text: str | QuantSpec) -> QuantSpec:
+    """Parse a spec string strictly (see module docstring); a QuantSpec passes through."""
+    if isinstance(text, QuantSpec):
+        return text
+    if not isinstance(text, str):
+        raise SpecError(f"a quantization spec is a string such as 'int4-g64', got {type(text)}")
+    m = _SPEC_RE.match(text.strip().lower())
+    if m is None:
+        raise SpecError(f"cannot parse quantization spec {text!r}; {_SPEC_HELP}")
+    if m["group"] is not None:
+        granularity, group = "group", int(m["group"])
+    elif m["t"] is not None:
+        granularity, group = "tensor", 0
+    else:
+        granularity, group = "channel", 0
+    if m["bits"] is not None:
+        return QuantSpec("int", int(m["bits"]), m["sym"] is not None, 0, 0, granularity, group)
+    E, M = FLOAT_ALIASES[m["alias"]] if m["alias"] else (int(m["E"]), int(m["M"]))
+    if E not in EXP_BITS or M not in MAN_BITS:
+        raise SpecError(f"{text!r}: E must be in 1..8 and M in 0..23; {_SPEC_HELP}")
+    return QuantSpec("float", 1 + E + M, False, E, M, granularity, group)
+
+
+# --- blocks -----------------------------------------------------------------------------------
+def _blocked(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View w as (rows, n_blocks, block) in the compute dtype; one scale per (row, block)."""
+    if w.dim() == 0:
+        raise SpecError("cannot quantize a 0-d tensor; give a weight of shape (out, in)")
+    w2 = w.reshape(-1, w.shape[-1]).to(spec.compute_dtype)
+    rows, cols = w2.shape
+    if spec.granularity == "tensor":
+        return w2.reshape(1, 1, rows * cols)
+    if spec.granularity == "channel":
+        return w2.reshape(rows, 1, cols)
+    spec.check_shape(cols, f"the tensor of shape {tuple(w.shape)}")
+    return w2.reshape(rows, cols // spec.group_size, spec.group_size)
+
+
+@dataclass
+class QParams:
+    """Scales (and integer zero points) of one tensor, shape (rows, n_blocks): (out, 1) for -ch,
+    (out, in/G) for -g, (1, 1) for -t. `zero` is None for symmetric and float grids."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ClipSearch:
+    """MSE clipping search: shrink each block's range by factors 1, 1 - max_shrink/grid, ...,
+    1 - max_shrink and keep, per block, the factor with the lowest sum |w - w_hat|^norm."""
+
+    grid: int = 20
+    max_shrink: float = 0.2
+    norm: float = 2.0
+
+    def __post_init__(self):
+        if self.grid < 1:
+            raise ValueError(f"ClipSearch.grid={self.grid} must be >= 1")
+        if not 0.0 < self.max_shrink < 1.0:
+            raise ValueError(f"ClipSearch.max_shrink={self.max_shrink} must be in (0, 1)")
+        if self.norm <= 0:
+            raise ValueError(f"ClipSearch.norm={self.norm} must be > 0")
+
+
+def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> QParams:
+    """Scales for blocks whose values lie in [lo, hi]; lo, hi have shape (rows, n_blocks, 1)."""
+    if spec.kind == "int" and not spec.symmetric:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # keep 0 exactly representable
+        scale = (hi - lo) / spec.qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.round(-lo / scale).clamp(0, spec.qmax)
+        return QParams(scale, zero)
+    absmax = torch.maximum(lo.abs(), hi.abs())
+    top = (spec.qmax - spec.qmin) / 2 if spec.kind == "int" else spec.float_max
+    scale = absmax / top
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return QParams(scale, None)
+
+
+def _round_int(wb: torch.Tensor, p: QParams, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes (as floats) of blocked values."""
+    q = torch.round(wb / p.scale)
+    if p.zero is not None:
+        q = q + p.zero
+    return q.clamp(spec.qmin, spec.qmax)
+
+
+def _round_float(wb: torch.Tensor, p: QParams, spec: QuantSpec) -> torch.Tensor:
+    """Values on the ExMy grid (in format units, before the block scale) of blocked values."""
+    x = wb / p.scale
+    # |x| in [2^(e-1), 2^e) gives e from frexp; binade exponent floor(log2|x|) = e - 1, never
+    # below the subnormal exponent 1 - bias. Quantum of that binade: 2^(exp - M).
+    _, e = torch.frexp(x)
+    exp = (e - 1).clamp(min=1 - spec.bias)
+    shift = exp - spec.man_bits
+    q = torch.ldexp(torch.round(torch.ldexp(x, -shift)), shift)
+    return q.clamp(-spec.float_max, spec.float_max)
+
+
+def _on_grid(wb: torch.Tensor, p: QParams, spec: QuantSpec) -> torch.Tensor:
+    return _round_int(wb, p, spec) if spec.kind == "int" else _round_float(wb, p, spec)
+
+
+def _from_grid(q: torch.Tensor, p: QParams) -> torch.Tensor:
+    return (q - p.zero) * p.scale if p.zero is not None else q * p.scale
+
+
+def compute_qparams(w: torch.Tensor, spec: QuantSpec | str, clip: ClipSearch | None = None) -> QParams:
+    """Min/max (or absmax) scales per block of w; with `clip`, the MSE-optimal shrink per block."""
+    spec = parse_spec(spec)
+    wb = _blocked(w, spec)
+    lo, hi = wb.amin(dim=-1, keepdim=True), wb.amax(dim=-1, keepdim=True)
+    best = _params_from_range(lo, hi, spec)
+    if clip is not None:
+        best_err = torch.full_like(lo, math.inf)
+        for i in range(clip.grid + 1):
+            shrink = 1.0 - clip.max_shrink * i / clip.grid
+            p = _params_from_range(lo * shrink, hi * shrink, spec)
+            err = (_from_grid(_on_grid(wb, p, spec), p) - wb).abs().pow(clip.norm).sum(-1, keepdim=True)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best.scale = torch.where(better, p.scale, best.scale)
+            if best.zero is not None:
+                best.zero = torch.where(better, p.zero, best.zero)
+    return QParams(best.scale.squeeze(-1), None if best.zero is None else best.zero.squeeze(-1))
+
+
+def _as_blocked_params(p: QParams) -> QParams:
+    return QParams(p.scale.unsqueeze(-1), None if p.zero is None else p.zero.unsqueeze(-1))
+
+
+# --- codes ------------------------------------------------------------------------------------
+def _code_dtype(spec: QuantSpec) -> torch.dtype:
+    if spec.kind == "int":
+        return torch.int8 if spec.symmetric else torch.uint8
+    return torch.int16 if spec.bits <= 15 else torch.int32 if spec.bits <= 31 else torch.int64
+
+
+def _encode_float(q: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Bit patterns sign|exponent|mantissa of grid values q (exact: q is on the grid)."""
+    a = q.abs()
+    _, e = torch.frexp(a)
+    exp = (e - 1).clamp(min=1 - spec.bias)
+    normal = (a >= 2.0 ** (1 - spec.bias)).to(torch.int64)
+    field_e = (exp + spec.bias).to(torch.int64) * normal  # 0 for subnormals and zero
+    mant = torch.ldexp(a, -(exp - spec.man_bits)).to(torch.int64) - normal * 2**spec.man_bits
+    sign = torch.signbit(q).to(torch.int64) & (a > 0).to(torch.int64)  # no negative zero
+    code = (sign << (spec.exp_bits + spec.man_bits)) | (field_e << spec.man_bits) | mant
+    return code.to(_code_dtype(spec))
+
+
+def _decode_float(codes: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    c = codes.to(torch.int64)
+    mant = c & (2**spec.man_bits - 1)
+    field_e = (c >> spec.man_bits) & (2**spec.exp_bits - 1)
+    sign = (c >> (spec.exp_bits + spec.man_bits)) & 1
+    normal = (field_e > 0).to(torch.int64)
+    exp = torch.where(field_e > 0, field_e - spec.bias, torch.full_like(field_e, 1 - spec.bias))
+    val = torch.ldexp((mant + normal * 2**spec.man_bits).to(spec.compute_dtype), (exp - spec.man_bits))
+    return torch.where(sign.bool(), -val, val)
+
+
+@dataclass
+class QuantizedTensor:
+    """Codes on the grid plus the scales that map them back. `codes` has the weight's shape;
+    `scale`/`zero` have shape (rows, n_blocks) (see QParams)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    spec: QuantSpec
+    dtype: torch.dtype = torch.float32
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self)
+
+
+def quantize(
+    w: torch.Tensor,
+    spec: QuantSpec | str,
+    *,
+    clip: ClipSearch | None = None,
+    qparams: QParams | None = None,
+) -> QuantizedTensor:
+    """Round w onto the grid of `spec` (round-to-nearest, ties to even). Scales come from
+    `qparams` when given, else from each block's range (optionally MSE-clipped)."""
+    spec = parse_spec(spec)
+    p = qparams if qparams is not None else compute_qparams(w, spec, clip)
+    q = _on_grid(_blocked(w, spec), _as_blocked_params(p), spec).reshape(w.shape)
+    codes = q.to(_code_dtype(spec)) if spec.kind == "int" else _encode_float(q, spec)
+    zero = None if p.zero is None else p.zero.to(_code_dtype(spec))
+    return QuantizedTensor(codes, p.scale.to(spec.compute_dtype), zero, spec, w.dtype)
+
+
+def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+    """Map codes back to real values (same shape as the quantized weight, its dtype)."""
+    spec = qt.spec
+    if spec.kind == "int":
+        q = qt.codes.to(spec.compute_dtype)
+    else:
+        q = _decode_float(qt.codes, spec)
+    zero = None if qt.zero is None else qt.zero.to(spec.compute_dtype)
+    p = _as_blocked_params(QParams(qt.scale.to(spec.compute_dtype), zero))
+    return _from_grid(_blocked(q, spec), p).reshape(qt.codes.shape).to(qt.dtype)
+
+
+def fake_quantize_with(w: torch.Tensor, qparams: QParams, spec: QuantSpec | str) -> torch.Tensor:
+    """Round trip of w with given scales; equals dequantize(quantize(w, spec, qparams=...))."""
+    spec = parse_spec(spec)
+    p = _as_blocked_params(qparams)
+    return _from_grid(_on_grid(_blocked(w, spec), p, spec), p).reshape(w.shape).to(w.dtype)
+
+
+def fake_quantize(
+    w: torch.Tensor, spec: QuantSpec | str, *, clip: ClipSearch | None = None
+) -> torch.Tensor:
+    """Round-to-nearest round trip of w: dequantize(quantize(w, spec)) without building codes."""
+    spec = parse_spec(spec)
+    return fake_quantize_with(w, compute_qparams(w, spec, clip), spec)

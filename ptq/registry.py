@@ -1,0 +1,90 @@
+"""Layer-wise PTQ methods, found by name in one plain dict filled by a decorator.
+
+A method is a function `fn(W, stats, spec, options) -> QuantResult`:
+  W        the layer weight, (out_features, in_features), any float dtype;
+  stats    `LayerStats` with the Hessian H = 2/n X^T X (in, in) and, when the method asks for
+           them, the calibration inputs X (n, in); None for methods that need no data (RTN);
+  spec     a `QuantSpec`;
+  options  an instance of the method's options dataclass.
+It returns the quantized weight on the spec's grid. Built-in methods (rtn, gptq) register exactly
+like a user's:
+
+    @register_method("mine", options=MyOptions, needs_hessian=True)
+    def my_method(W, stats, spec, options): ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .formats import QuantizedTensor, QuantSpec
+
+__all__ = ["LayerStats", "QuantResult", "Method", "METHODS", "register_method", "get_method"]
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one linear layer. H: (in, in) float32 or float64; X: (n, in)."""
+
+    H: torch.Tensor | None = None
+    X: torch.Tensor | None = None
+    n_tokens: int = 0
+
+
+@dataclass
+class QuantResult:
+    """What a method returns. `weight` is dequantized (W's shape and dtype); `quantized` holds
+    codes and scales when the method has them; `loss` is the method's own proxy loss."""
+
+    weight: torch.Tensor
+    quantized: QuantizedTensor | None = None
+    loss: float | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[[torch.Tensor, LayerStats | None, QuantSpec, object], QuantResult]
+    options: type
+    needs_hessian: bool = False
+    needs_inputs: bool = False
+
+    def make_options(self, **kwargs):
+        """Options from keyword arguments; unknown keys are an error naming the known ones."""
+        known = set(getattr(self.options, "__dataclass_fields__", {}))
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {unknown} for method {self.name!r}; known: {sorted(known)}"
+            )
+        return self.options(**kwargs)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, *, options: type, needs_hessian: bool = False,
+                    needs_inputs: bool = False):
+    """Decorator that registers `fn` under `name`; registering a taken name is an error."""
+
+    def wrap(fn):
+        if name in METHODS:
+            raise ValueError(f"a PTQ method named {name!r} is already registered")
+        METHODS[name] = Method(name, fn, options, needs_hessian, needs_inputs)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown PTQ method {name!r}; registered: {sorted(METHODS)}. "
+            "Register your own with @ptq.register_method(name, options=YourOptions)."
+        ) from None

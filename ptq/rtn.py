@@ -1,0 +1,40 @@
+"""Round-to-nearest (RTN): each weight goes to its nearest grid point, with scales from each
+block's min/max or, with `clip_search`, from the MSE-optimal shrink of that range."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .formats import ClipSearch, QuantSpec, dequantize, quantize
+from .registry import LayerStats, QuantResult, register_method
+
+__all__ = ["RTNOptions", "rtn_quantize"]
+
+
+@dataclass(frozen=True)
+class RTNOptions:
+    clip_search: bool = False  # shrink each block's range to minimize its squared error
+    clip_grid: int = 20
+    clip_max_shrink: float = 0.2
+
+    def __post_init__(self):
+        if self.clip_search:
+            ClipSearch(self.clip_grid, self.clip_max_shrink)  # validates the numbers
+
+    def clip(self) -> ClipSearch | None:
+        return ClipSearch(self.clip_grid, self.clip_max_shrink) if self.clip_search else None
+
+
+@register_method("rtn", options=RTNOptions)
+def rtn_quantize(W: torch.Tensor, stats: LayerStats | None, spec: QuantSpec,
+                 options: RTNOptions = RTNOptions()) -> QuantResult:
+    """RTN of W (out, in); with a Hessian in `stats`, also reports tr(dW H dW^T) as its loss."""
+    qt = quantize(W, spec, clip=options.clip())
+    Wq = dequantize(qt)
+    loss = None
+    if stats is not None and stats.H is not None:
+        dW = (W - Wq).to(stats.H.dtype)
+        loss = float(torch.einsum("ij,jk,ik->", dW, stats.H, dW))
+    return QuantResult(Wq, qt, loss)

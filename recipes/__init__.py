@@ -1,0 +1,1 @@
+"""Runnable experiments and the `qalign` command line; they only wire `ptq`, `qaft`, `compare`."""

@@ -1,0 +1,163 @@
+"""The `qalign` command line: prepare, quantize, eval, recipe.
+
+    qalign prepare                      # embedded model and text, offline
+    qalign quantize --spec int3-g64 --out runs/rtn-int3
+    qalign eval --model runs/rtn-int3
+    qalign recipe rtn-table --out results/rtn-table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from compare.data import DataError, load_text, tokenize
+from compare.evaluate import evaluate_nll
+from compare.io import write_json
+from compare.models import EMBEDDED_MODELS, ModelError, load_model, prepare_embedded
+from ptq.apply import quantize_model
+from ptq.formats import SpecError, parse_spec
+from ptq.registry import METHODS
+from recipes import rtn_table
+from recipes.common import heldout_windows, resolve_device, versions
+
+RECIPES = {"rtn-table": rtn_table}
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="embedded name, local model folder or hub id (default: smollm2-135m)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a hub model's own Python code to run (off by default)")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="wiki",
+                   help="'wiki' (embedded), a text file, or hf:NAME[:CONFIG] (default: wiki)")
+    p.add_argument("--seq-len", type=int, default=512, help="evaluation window (default: 512)")
+    p.add_argument("--max-tokens", type=int, default=16384,
+                   help="held-out tokens evaluated (default: 16384)")
+    p.add_argument("--batch-size", type=int, default=2, help="windows per forward (default: 2)")
+
+
+def _quant_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--spec", required=required,
+                   help="quantization spec, e.g. int3-g64, int4-sym-ch, e2m1-g32")
+    p.add_argument("--method", default="rtn",
+                   help=f"registered PTQ method (default: rtn; have: {', '.join(sorted(METHODS))})")
+    p.add_argument("--clip-search", action="store_true",
+                   help="rtn: MSE search of each block's clipping range")
+
+
+def cmd_prepare(args) -> None:
+    names = list(EMBEDDED_MODELS) if args.model == "all" else [args.model]
+    for name in names:
+        t0 = time.perf_counter()
+        path = prepare_embedded(name, force=args.force)
+        print(f"model {name}: {path} ({time.perf_counter() - t0:.1f} s)")
+    splits = load_text(args.data)
+    print(f"text {splits.name}: train {len(splits.train):,} chars, "
+          f"held-out {len(splits.heldout):,} chars")
+
+
+def _quantize_in_place(model, args) -> list:
+    options = {"clip_search": True} if args.clip_search else {}
+    method = METHODS[args.method] if args.method in METHODS else None
+    if method is None:
+        raise SystemExit(f"unknown --method {args.method!r}; registered: {sorted(METHODS)}")
+    return quantize_model(model, args.spec, args.method, method.make_options(**options))
+
+
+def cmd_quantize(args) -> None:
+    spec = parse_spec(args.spec)
+    model, tokenizer = load_model(args.model, device=resolve_device(args.device),
+                                  trust_remote_code=args.trust_remote_code)
+    t0 = time.perf_counter()
+    reports = _quantize_in_place(model, args)
+    seconds = time.perf_counter() - t0
+    out = Path(args.out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_json(out / "qalign-quant.json", {
+        "source_model": args.model, "method": args.method, "spec": str(spec),
+        "clip_search": args.clip_search, "seconds": seconds, "versions": versions(),
+        "layers": [asdict(r) for r in reports],
+        "note": "weights are stored dequantized (fp32 values on the grid)"})
+    print(f"{args.method} {spec}: {len(reports)} layers in {seconds:.1f} s -> {out}")
+
+
+def cmd_eval(args) -> None:
+    spec = parse_spec(args.spec) if args.spec else None  # fail on a bad spec before loading
+    model, tokenizer = load_model(args.model, device=resolve_device(args.device),
+                                  trust_remote_code=args.trust_remote_code)
+    if args.spec:
+        _quantize_in_place(model, args)
+    windows = heldout_windows(tokenizer, args.data, args.seq_len, args.max_tokens)
+    result = evaluate_nll(model, windows, batch_size=args.batch_size)
+    row = {"model": args.model, "data": args.data, "method": args.method if args.spec else "fp",
+           "spec": str(spec) if spec else None, **result.to_dict()}
+    print(json.dumps(row, indent=1))
+    if args.json:
+        write_json(args.json, row)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qalign", description="Local vs global loss of quantized LMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="convert the embedded model and check the embedded text",
+                       description="Convert the embedded GGUF model to fp32 safetensors in the "
+                                   "cache (once) and load the embedded text.")
+    s.add_argument("--model", default="smollm2-135m",
+                   help=f"embedded model, or 'all' (have: {', '.join(EMBEDDED_MODELS)})")
+    s.add_argument("--data", default="wiki", help="text source to check (default: wiki)")
+    s.add_argument("--force", action="store_true", help="convert again even if cached")
+    s.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("quantize", help="quantize a model and save it",
+                       description="Quantize every linear layer of the decoder blocks and save "
+                                   "the model (safetensors) with a qalign-quant.json report.")
+    _model_args(s)
+    _quant_args(s, required=True)
+    s.add_argument("--out", required=True, help="output model folder")
+    s.set_defaults(fn=cmd_quantize)
+
+    s = sub.add_parser("eval", help="held-out NLL and perplexity of a model",
+                       description="Mean token NLL / perplexity on held-out text; with --spec, "
+                                   "of the model quantized on the fly.")
+    _model_args(s)
+    _eval_args(s)
+    _quant_args(s, required=False)
+    s.add_argument("--json", help="also write the result to this JSON file")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("recipe", help="run an experiment recipe",
+                       description="Run a recipe; `qalign recipe NAME --help` lists its flags.")
+    rsub = s.add_subparsers(dest="recipe", required=True)
+    for name, module in RECIPES.items():
+        r = rsub.add_parser(name, help=module.__doc__.split("\n")[0],
+                            description=module.__doc__.split("\n")[0])
+        module.build_parser(r)
+        r.set_defaults(fn=lambda a, m=module: m.run(a))
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    torch.manual_seed(0)
+    try:
+        args.fn(args)
+    except (SpecError, DataError, ModelError) as e:
+        print(f"qalign: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+import pytest
+
+import ptq
+from compare.evaluate import evaluate_nll
+from recipes.common import WeightSnapshot, heldout_windows
+
+
+@pytest.mark.real
+def test_smollm2_rtn_perplexity_orders_by_bits(smollm2):
+    model, tokenizer = smollm2
+    windows = heldout_windows(tokenizer, "wiki", 512, 2048)
+    snapshot = WeightSnapshot(model)
+    ppl = {}
+    try:
+        fp = evaluate_nll(model, windows, progress=False).perplexity
+        for bits in (4, 3, 2):
+            snapshot.restore()
+            ptq.quantize_model(model, f"int{bits}-g64", progress=False)
+            ppl[bits] = evaluate_nll(model, windows, progress=False).perplexity
+    finally:
+        snapshot.restore()
+    assert fp < ppl[4] < ppl[3] < ppl[2]
+    assert ppl[4] < 1.5 * fp  # 4-bit g64 is close (the weights were distributed 4-bit)
+    assert ppl[2] > 100 * fp  # 2-bit RTN collapses

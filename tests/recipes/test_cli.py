@@ -1,0 +1,79 @@
+import json
+
+import pytest
+import torch
+
+import ptq
+from compare.models import load_model
+from recipes import cli, rtn_table
+
+
+@pytest.mark.parametrize("argv", [[], ["prepare"], ["quantize"], ["eval"], ["recipe"],
+                                  ["recipe", "rtn-table"]])
+def test_every_subcommand_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv + ["--help"])
+    assert e.value.code == 0
+    assert "usage: qalign" in capsys.readouterr().out
+
+
+def test_every_flag_has_help():
+    parser = cli.build_parser()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:
+            if action.choices and isinstance(action.choices, dict):
+                stack.extend(action.choices.values())
+            elif action.option_strings and action.dest != "help":
+                assert action.help, f"{p.prog} {action.option_strings} has no help"
+
+
+def test_bad_spec_exits_with_a_clear_message(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--spec", "int9-g64"])
+    assert e.value.code == 2
+    assert "integer grids have 2..8 bits" in capsys.readouterr().err
+
+
+def test_quantize_then_eval(tmp_path, tiny_model_dir, text_file, capsys):
+    out = tmp_path / "q"
+    cli.main(["quantize", "--model", str(tiny_model_dir), "--spec", "int3-g16", "--out", str(out),
+              "--device", "cpu"])
+    original, _ = load_model(str(tiny_model_dir))
+    quantized, _ = load_model(str(out))
+    for (name, a), (_, b) in zip(ptq.quantizable_linears(original),
+                                 ptq.quantizable_linears(quantized)):
+        assert torch.equal(b.weight, ptq.fake_quantize(a.weight, "int3-g16")), name
+    report = json.loads((out / "qalign-quant.json").read_text())
+    assert report["spec"] == "int3-g16" and len(report["layers"]) == 14
+
+    cli.main(["eval", "--model", str(out), "--data", str(text_file), "--seq-len", "32",
+              "--max-tokens", "128", "--device", "cpu", "--json", str(tmp_path / "e.json")])
+    row = json.loads((tmp_path / "e.json").read_text())
+    assert row["n_windows"] == 4 and row["scored_tokens"] == 4 * 31
+    assert row["perplexity"] == pytest.approx(2.718281828 ** row["nll"], rel=1e-9)
+
+
+def test_rtn_table_writes_results_and_resumes(tmp_path, tiny_model_dir, text_file, monkeypatch):
+    argv = ["--model", str(tiny_model_dir), "--data", str(text_file), "--bits", "2", "4",
+            "--granularity", "ch", "g16", "--seq-len", "32", "--max-tokens", "128",
+            "--device", "cpu", "--out", str(tmp_path / "t")]
+    result = rtn_table.run(rtn_table.build_parser().parse_args(argv))
+    specs = [(r["method"], r["spec"]) for r in result["rows"]]
+    assert specs == [("fp", "fp32"), ("rtn", "int2-ch"), ("rtn", "int2-g16"),
+                     ("rtn", "int4-ch"), ("rtn", "int4-g16")]
+    for name in ("results.json", "table.md", "rtn.png"):
+        assert (tmp_path / "t" / name).stat().st_size > 0
+    # the fp row is the unquantized model: restoring weights between rows works
+    assert len({r["nll"] for r in result["rows"]}) == 5
+
+    def no_eval(*a, **k):
+        raise AssertionError("a finished row was computed again")
+
+    monkeypatch.setattr(rtn_table, "evaluate_nll", no_eval)
+    again = rtn_table.run(rtn_table.build_parser().parse_args(argv))
+    assert again["rows"] == result["rows"]
+    other = [a if a != "32" else "16" for a in argv]  # --seq-len 16: another config
+    with pytest.raises(SystemExit, match="another config"):
+        rtn_table.run(rtn_table.build_parser().parse_args(other))
