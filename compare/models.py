@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ptq.checkpoint import is_quantized_checkpoint, load_quantized
+
 __all__ = ["EMBEDDED_MODELS", "ModelError", "cache_dir", "embedded_gguf_path",
            "prepare_embedded", "load_model", "tiny_model", "TINY_CONFIGS"]
 
@@ -120,7 +122,8 @@ def prepare_embedded(name: str = "smollm2-135m", *, force: bool = False,
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                trust_remote_code: bool = False, revision: str | None = None,
                with_tokenizer: bool = True):
-    """Load (model, tokenizer) in eval mode: an embedded name, a local folder or a hub id.
+    """Load (model, tokenizer) in eval mode: an embedded name, a local folder (a plain
+    transformers model, or a quantized checkpoint of `ptq.checkpoint`) or a hub id.
 
     Weights load from safetensors. `trust_remote_code` stays off unless the caller asks.
     """
@@ -128,6 +131,11 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
 
     if name_or_path in EMBEDDED_MODELS:
         source = str(prepare_embedded(name_or_path))
+    elif is_quantized_checkpoint(name_or_path):  # packed codes written by `qalign quantize`
+        model, _ = load_quantized(name_or_path, dtype=dtype)
+        model.to(device)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path) if with_tokenizer else None
+        return model, tokenizer
     else:
         source = name_or_path
         local = Path(name_or_path)

@@ -9,7 +9,7 @@ and `set_linear_weight` hide that, so methods always see (out_features, in_featu
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -17,11 +17,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import block_prefix
-from .formats import QuantSpec, parse_spec
+from .formats import QuantizedTensor, QuantSpec, parse_spec
 from .registry import get_method
 
 __all__ = ["FilterFn", "is_linear", "linear_weight", "set_linear_weight", "in_decoder_blocks",
-           "quantizable_linears", "LayerReport", "quantize_model"]
+           "quantizable_linears", "LayerReport", "QuantizedModel", "quantize_model"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -65,14 +65,21 @@ class LayerReport:
     seconds: float
 
 
+@dataclass
+class QuantizedModel:
+    layers: list[LayerReport]
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, spec: QuantSpec | str, method: str = "rtn",
                    options=None, filter_fn: FilterFn | None = None,
-                   progress: bool = True) -> list[LayerReport]:
+                   progress: bool = True, keep_codes: bool = False) -> QuantizedModel:
     """Quantize the selected layers in place with a method that needs no calibration data.
 
     Methods that need a Hessian or inputs (gptq) go through the block-by-block driver instead.
-    Every layer's shape is checked against the spec before any weight changes.
+    Every layer's shape is checked against the spec before any weight changes. Returns the
+    per-layer reports and, with keep_codes, {name: QuantizedTensor} for saving.
     """
     spec = parse_spec(spec)
     m = get_method(method)
@@ -84,12 +91,15 @@ def quantize_model(model: nn.Module, spec: QuantSpec | str, method: str = "rtn",
         raise ValueError("no linear layer matched; check filter_fn or the model's architecture")
     for name, module in layers:
         spec.check_shape(linear_weight(module).shape[1], name)
-    reports = []
+    reports, codes = [], {}
     for name, module in tqdm(layers, desc=f"{method} {spec}", disable=not progress, leave=False):
         t0 = time.perf_counter()
         W = linear_weight(module)
-        Wq = m.fn(W, None, spec, options).weight
+        res = m.fn(W, None, spec, options)
+        Wq = res.weight
+        if keep_codes and res.quantized is not None:
+            codes[name] = res.quantized
         err = float((W.float() - Wq.float()).pow(2).sum() / W.float().pow(2).sum().clamp_min(1e-30))
         set_linear_weight(module, Wq)
         reports.append(LayerReport(name, tuple(W.shape), err, time.perf_counter() - t0))
-    return reports
+    return QuantizedModel(reports, codes)

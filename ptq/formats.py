@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -42,6 +42,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "fake_quantize_with",
+    "fake_quantize_broadcast",
 ]
 
 FLOAT_ALIASES = {"fp4": (2, 1), "fp8": (4, 3), "fp16": (5, 10), "bf16": (8, 7)}
@@ -135,6 +136,10 @@ class QuantSpec:
     def compute_dtype(self) -> torch.dtype:
         """float32 unless the float grid's range or smallest subnormal leaves float32."""
         return torch.float64 if self.kind == "float" and self.exp_bits >= 8 else torch.float32
+
+    def per_channel(self) -> "QuantSpec":
+        """The same grid with one scale per row (used on one group's columns at a time)."""
+        return replace(self, granularity="channel", group_size=0)
 
     def check_shape(self, in_features: int, where: str = "the tensor") -> None:
         """Raise a SpecError naming `where` when the group size does not divide in_features."""
@@ -373,3 +378,11 @@ def fake_quantize(
     """Round-to-nearest round trip of w: dequantize(quantize(w, spec)) without building codes."""
     spec = parse_spec(spec)
     return fake_quantize_with(w, compute_qparams(w, spec, clip), spec)
+
+
+def fake_quantize_broadcast(x: torch.Tensor, qparams: QParams, spec: QuantSpec) -> torch.Tensor:
+    """Round trip of x with scales that broadcast against it elementwise, e.g. one column
+    (out, 1) against its group's scale (out, 1): the per-column step of GPTQ. Same arithmetic
+    as `fake_quantize_with`, so the results lie on exactly the same grid. x must be in
+    spec.compute_dtype."""
+    return _from_grid(_on_grid(x, qparams, spec), qparams)

@@ -3,7 +3,7 @@ block's min/max or, with `clip_search`, from the MSE-optimal shrink of that rang
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,9 +15,11 @@ __all__ = ["RTNOptions", "rtn_quantize"]
 
 @dataclass(frozen=True)
 class RTNOptions:
-    clip_search: bool = False  # shrink each block's range to minimize its squared error
-    clip_grid: int = 20
-    clip_max_shrink: float = 0.2
+    clip_search: bool = field(default=False, metadata={
+        "help": "MSE search of each group's / row's clipping range"})
+    clip_grid: int = field(default=20, metadata={"help": "shrink factors tried by clip_search"})
+    clip_max_shrink: float = field(default=0.2, metadata={
+        "help": "largest fraction of the range clip_search may cut"})
 
     def __post_init__(self):
         if self.clip_search:

@@ -12,20 +12,19 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from compare.data import DataError, load_text, tokenize
 from compare.evaluate import evaluate_nll
-from compare.io import write_json
+from compare.io import write_csv, write_json
 from compare.models import EMBEDDED_MODELS, ModelError, load_model, prepare_embedded
-from ptq.apply import quantize_model
+from ptq.checkpoint import save_quantized
 from ptq.formats import SpecError, parse_spec
-from ptq.registry import METHODS
 from recipes import rtn_table
 from recipes.common import heldout_windows, resolve_device, versions
+from recipes.quantization import add_budget_args, add_method_args, layer_table, method_options, run_ptq
 
 RECIPES = {"rtn-table": rtn_table}
 
@@ -41,19 +40,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="wiki",
                    help="'wiki' (embedded), a text file, or hf:NAME[:CONFIG] (default: wiki)")
-    p.add_argument("--seq-len", type=int, default=512, help="evaluation window (default: 512)")
+    p.add_argument("--seq-len", type=int, default=512,
+                   help="evaluation window, and calibration block length (default: 512)")
     p.add_argument("--max-tokens", type=int, default=16384,
                    help="held-out tokens evaluated (default: 16384)")
     p.add_argument("--batch-size", type=int, default=2, help="windows per forward (default: 2)")
-
-
-def _quant_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--spec", required=required,
-                   help="quantization spec, e.g. int3-g64, int4-sym-ch, e2m1-g32")
-    p.add_argument("--method", default="rtn",
-                   help=f"registered PTQ method (default: rtn; have: {', '.join(sorted(METHODS))})")
-    p.add_argument("--clip-search", action="store_true",
-                   help="rtn: MSE search of each block's clipping range")
 
 
 def cmd_prepare(args) -> None:
@@ -67,38 +58,34 @@ def cmd_prepare(args) -> None:
           f"held-out {len(splits.heldout):,} chars")
 
 
-def _quantize_in_place(model, args) -> list:
-    options = {"clip_search": True} if args.clip_search else {}
-    method = METHODS[args.method] if args.method in METHODS else None
-    if method is None:
-        raise SystemExit(f"unknown --method {args.method!r}; registered: {sorted(METHODS)}")
-    return quantize_model(model, args.spec, args.method, method.make_options(**options))
-
-
 def cmd_quantize(args) -> None:
     spec = parse_spec(args.spec)
+    method_options(args)  # fail on a foreign flag before loading anything
     model, tokenizer = load_model(args.model, device=resolve_device(args.device),
                                   trust_remote_code=args.trust_remote_code)
-    t0 = time.perf_counter()
-    reports = _quantize_in_place(model, args)
-    seconds = time.perf_counter() - t0
+    report = run_ptq(model, tokenizer, args)
+    quantized = report.pop("_quantized")
     out = Path(args.out)
-    model.save_pretrained(out)
+    save_quantized(model, quantized, out, {"method": args.method, "source_model": args.model})
     tokenizer.save_pretrained(out)
-    write_json(out / "qalign-quant.json", {
-        "source_model": args.model, "method": args.method, "spec": str(spec),
-        "clip_search": args.clip_search, "seconds": seconds, "versions": versions(),
-        "layers": [asdict(r) for r in reports],
-        "note": "weights are stored dequantized (fp32 values on the grid)"})
-    print(f"{args.method} {spec}: {len(reports)} layers in {seconds:.1f} s -> {out}")
+    write_json(out / "qalign-quant.json", {"source_model": args.model, **report,
+                                           "versions": versions()})
+    write_csv(out / "layers.csv", report["layers"])
+    print(layer_table(report["layers"]))
+    print(f"{args.method} {spec}: {len(report['layers'])} layers in {report['seconds']:.1f} s "
+          f"-> {out}")
 
 
 def cmd_eval(args) -> None:
     spec = parse_spec(args.spec) if args.spec else None  # fail on a bad spec before loading
+    if spec is not None:
+        method_options(args)
     model, tokenizer = load_model(args.model, device=resolve_device(args.device),
                                   trust_remote_code=args.trust_remote_code)
     if args.spec:
-        _quantize_in_place(model, args)
+        report = run_ptq(model, tokenizer, args)
+        print(f"{args.method} {spec}: {len(report['layers'])} layers in "
+              f"{report['seconds']:.1f} s")
     windows = heldout_windows(tokenizer, args.data, args.seq_len, args.max_tokens)
     result = evaluate_nll(model, windows, batch_size=args.batch_size)
     row = {"model": args.model, "data": args.data, "method": args.method if args.spec else "fp",
@@ -125,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize every linear layer of the decoder blocks and save "
                                    "the model (safetensors) with a qalign-quant.json report.")
     _model_args(s)
-    _quant_args(s, required=True)
+    add_method_args(s, spec_required=True)
+    add_budget_args(s)
+    s.add_argument("--data", default="wiki",
+                   help="calibration text: 'wiki', a text file or hf:NAME[:CONFIG] (default: wiki)")
+    s.add_argument("--seq-len", type=int, default=512,
+                   help="calibration block length in tokens (default: 512)")
     s.add_argument("--out", required=True, help="output model folder")
     s.set_defaults(fn=cmd_quantize)
 
@@ -134,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "of the model quantized on the fly.")
     _model_args(s)
     _eval_args(s)
-    _quant_args(s, required=False)
+    add_method_args(s, spec_required=False)
+    add_budget_args(s)
     s.add_argument("--json", help="also write the result to this JSON file")
     s.set_defaults(fn=cmd_eval)
 

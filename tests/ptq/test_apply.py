@@ -19,8 +19,8 @@ def test_rtn_quantizes_exactly_the_linears_in_decoder_blocks(model_type):
     assert set(selected) == in_blocks and selected
 
     originals = {n: linear_weight(m).detach().clone() for n, m in selected.items()}
-    reports = ptq.quantize_model(model, "int4-g16", progress=False)
-    assert [r.name for r in reports] == list(selected)
+    res = ptq.quantize_model(model, "int4-g16", progress=False, keep_codes=True)
+    assert [r.name for r in res.layers] == list(selected) == list(res.quantized)
     for name, module in selected.items():
         # on the grid, and exactly the RTN of the original weight
         assert torch.equal(linear_weight(module), ptq.fake_quantize(originals[name], "int4-g16"))

@@ -1,0 +1,189 @@
+"""GPTQ: Hessian-aware rounding, one column at a time (Frantar et al. 2022, arXiv 2210.17323).
+
+Minimizes the layer's output error tr(dW H dW^T), H = 2/n X^T X, by quantizing the columns of W in
+turn and spreading each column's rounding error over the columns not yet quantized, with the
+upper Cholesky factor U of H^-1 (Algorithm 1 of the paper):
+
+    for each column i:  q_i = quant(w_i);  err = (w_i - q_i) / U_ii;  W[:, i:] -= err U[i, i:]
+
+Updates are applied lazily in blocks of `block_size` columns: within a block column by column,
+to the rest of W once per block (one GEMM). `act_order` visits columns by decreasing H_ii.
+
+Group scales (-gG) are set when the first column of a group is reached, from that group's
+weights *as updated so far*, with every pending in-block update applied, so the result does not
+depend on `block_size` and equals a plain column-by-column loop. Groups always stay G consecutive
+input columns of the original order (also with act_order), so the result lies on the spec's grid.
+`static_groups` instead fixes all group scales from the original W before any update.
+
+Dead inputs (H_ii = 0) get H_ii = 1 and a zero weight column, as in the reference; when the
+damped Cholesky fails, damping grows tenfold until it succeeds, and the damping used is reported.
+The Hessian and its factorization are float64, the column updates float32.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .formats import (ClipSearch, QParams, QuantSpec, compute_qparams, dequantize,
+                      fake_quantize_broadcast, parse_spec, quantize)
+from .registry import LayerStats, QuantResult, register_method
+
+__all__ = ["GPTQOptions", "GPTQResult", "gptq_quantize", "inverse_cholesky", "layer_loss"]
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    block_size: int = field(default=128, metadata={"help": "columns per lazy batch update"})
+    damp: float = field(default=0.01, metadata={
+        "help": "percdamp: this fraction of mean(diag H) is added to diag H"})
+    act_order: bool = field(default=False, metadata={
+        "help": "quantize columns by decreasing H_ii"})
+    static_groups: bool = field(default=False, metadata={
+        "help": "fix group scales from the original W before any update"})
+    clip_search: bool = field(default=False, metadata={
+        "help": "MSE search of each group's / row's clipping range"})
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"GPTQ block_size={self.block_size} must be >= 1")
+        if not 0.0 <= self.damp < 10.0:
+            raise ValueError(f"GPTQ damp={self.damp} must be in [0, 10); 0.01 is usual")
+
+
+@dataclass
+class GPTQResult(QuantResult):
+    damp: float = 0.0  # damping actually used (fraction of mean diag H)
+    dead_columns: int = 0  # inputs that were always zero in calibration
+    seconds: float = 0.0
+
+
+def layer_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((W - Wq) H (W - Wq)^T) in float64: the output error 1/n ||X W^T - X Wq^T||^2 * 2."""
+    dW = W.detach().to(torch.float64) - Wq.detach().to(torch.float64)
+    return float(((dW @ H.to(torch.float64)) * dW).sum())
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int = 8
+                     ) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, float64, and the damping used.
+    A failed factorization multiplies the damping by 10 (starting at 1e-4 when damp is 0)."""
+    H = H.to(torch.float64)
+    mean_diag = float(torch.diagonal(H).mean())
+    d = damp
+    for _ in range(max_tries):
+        Hd = H.clone()
+        Hd.diagonal().add_(d * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, d
+        d = d * 10 if d > 0 else 1e-4
+    raise torch.linalg.LinAlgError(
+        f"Hessian not positive definite even with damping {d / 10:g} x mean(diag H); the "
+        "calibration inputs are degenerate (check for NaN/inf activations or use more samples)")
+
+
+def _group_params_at_start(Wc: torch.Tensor, spec: QuantSpec, clip, pos_of_group):
+    """All group scales from the current W (static groups), in original group order."""
+    n_groups = len(pos_of_group)
+    scales, zeros = [], []
+    for g in range(n_groups):
+        p = compute_qparams(Wc[:, pos_of_group[g]], spec.per_channel(), clip)
+        scales.append(p.scale)
+        zeros.append(p.zero)
+    zero = None if zeros[0] is None else torch.cat(zeros, 1)
+    return torch.cat(scales, 1), zero
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec | str, *,
+                  block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+                  static_groups: bool = False, clip: ClipSearch | None = None) -> GPTQResult:
+    """Quantize W (out, in) with Hessian H (in, in) onto the grid of `spec` (module docstring)."""
+    t0 = time.perf_counter()
+    spec = parse_spec(spec)
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"GPTQ needs W (out, in) and H (in, in); got {tuple(W.shape)} and "
+                         f"{tuple(H.shape)}")
+    rows, n = W.shape
+    spec.check_shape(n, f"a weight of shape {tuple(W.shape)}")
+    dt = spec.compute_dtype
+    H0 = H.to(torch.float64)
+    Wc = W.detach().to(dt).clone()
+    H = H0.clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    Wc[:, dead] = 0.0
+
+    perm = (torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order
+            else torch.arange(n, device=W.device))
+    inv = torch.argsort(perm)
+    Wc, H = Wc[:, perm], H[perm][:, perm]
+    U, damp_used = inverse_cholesky(H, damp)
+    U = U.to(dt)
+
+    grouped = spec.granularity == "group"
+    if grouped:
+        G = spec.group_size
+        n_groups = n // G
+        # processing positions of each original group, and the group of each position
+        pos_of_group = [inv[g * G:(g + 1) * G] for g in range(n_groups)]
+        group_at = (perm // G).tolist()
+        scale = torch.zeros(rows, n_groups, dtype=dt, device=W.device)
+        zero = None if spec.kind != "int" or spec.symmetric else torch.zeros_like(scale)
+        ready = [False] * n_groups
+        if static_groups:
+            scale, zero = _group_params_at_start(Wc, spec, clip, pos_of_group)
+            ready = [True] * n_groups
+    else:
+        p = compute_qparams(Wc, spec, clip)  # one scale per row (or per tensor), from W
+        scale, zero = p.scale, p.zero
+
+    Q = torch.empty_like(Wc)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = Wc[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if grouped:
+                g = group_at[col]
+                if not ready[g]:
+                    S = pos_of_group[g]  # all >= col; current values incl. pending updates
+                    cur = Wc[:, S] - Err1[:, :i] @ U[i1:col, S]
+                    pg = compute_qparams(cur, spec.per_channel(), clip)
+                    scale[:, g] = pg.scale[:, 0]
+                    if zero is not None:
+                        zero[:, g] = pg.zero[:, 0]
+                    ready[g] = True
+                p = QParams(scale[:, g:g + 1], None if zero is None else zero[:, g:g + 1])
+            else:
+                p = QParams(scale, zero)
+            w = W1[:, i:i + 1]
+            q = fake_quantize_broadcast(w, p, spec)
+            Q[:, col:col + 1] = q
+            err = (w - q) / U1[i, i]
+            W1[:, i:] -= err @ U1[i:i + 1, i:]
+            Err1[:, i:i + 1] = err
+        Wc[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    Q = Q[:, inv]
+    qt = quantize(Q, spec, qparams=QParams(scale, zero))  # Q is on the grid: exact codes
+    qt.dtype = W.dtype
+    Wq = dequantize(qt)
+    return GPTQResult(weight=Wq, quantized=qt, loss=layer_loss(W, Wq, H0), damp=damp_used,
+                      dead_columns=int(dead.sum()), seconds=time.perf_counter() - t0)
+
+
+@register_method("gptq", options=GPTQOptions, needs_hessian=True)
+def _gptq_method(W: torch.Tensor, stats: LayerStats, spec: QuantSpec,
+                 options: GPTQOptions = GPTQOptions()) -> GPTQResult:
+    clip = ClipSearch() if options.clip_search else None
+    return gptq_quantize(W, stats.H, spec, block_size=options.block_size, damp=options.damp,
+                         act_order=options.act_order, static_groups=options.static_groups,
+                         clip=clip)
