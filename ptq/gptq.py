@@ -39,12 +39,14 @@ class GPTQOptions:
     block_size: int = field(default=128, metadata={"help": "columns per lazy batch update"})
     damp: float = field(default=0.01, metadata={
         "help": "percdamp: this fraction of mean(diag H) is added to diag H"})
-    act_order: bool = field(default=False, metadata={
+    act_order: bool = field(default=True, metadata={
         "help": "quantize columns by decreasing H_ii"})
     static_groups: bool = field(default=False, metadata={
         "help": "fix group scales from the original W before any update"})
-    clip_search: bool = field(default=False, metadata={
+    clip_search: bool = field(default=True, metadata={
         "help": "MSE search of each group's / row's clipping range"})
+    # The method's defaults (act_order, clip_search on) differ from gptq_quantize's plain-paper
+    # defaults: on SmolLM2-135M int3-g64 they took perplexity from 70 to 43 (README).
 
     def __post_init__(self):
         if self.block_size < 1:

@@ -3,7 +3,7 @@
     qalign prepare                      # embedded model and text, offline
     qalign quantize --spec int3-g64 --out runs/rtn-int3
     qalign eval --model runs/rtn-int3
-    qalign recipe rtn-table --out results/rtn-table
+    qalign recipe ptq-table --out results/ptq-table
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from compare.io import write_csv, write_json
 from compare.models import EMBEDDED_MODELS, ModelError, load_model, prepare_embedded
 from ptq.checkpoint import save_quantized
 from ptq.formats import SpecError, parse_spec
-from recipes import rtn_table
+from recipes import ptq_table
 from recipes.common import heldout_windows, resolve_device, versions
 from recipes.quantization import add_budget_args, add_method_args, layer_table, method_options, run_ptq
 
-RECIPES = {"rtn-table": rtn_table}
+RECIPES = {"ptq-table": ptq_table}
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,8 @@ from ptq.formats import parse_spec
 from ptq.registry import METHODS, get_method
 from ptq.sequential import quantize_sequential
 
-__all__ = ["add_method_args", "add_budget_args", "method_options", "run_ptq", "layer_table"]
+__all__ = ["add_method_args", "add_budget_args", "options_for", "method_options", "run_ptq",
+           "layer_table"]
 
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -31,11 +32,15 @@ def _option_fields() -> dict[str, dataclasses.Field]:
     return fields
 
 
-def add_method_args(p: argparse.ArgumentParser, spec_required: bool) -> None:
-    p.add_argument("--spec", required=spec_required,
-                   help="quantization spec, e.g. int3-g64, int4-sym-ch, e2m1-g32")
-    p.add_argument("--method", default="rtn",
-                   help=f"registered PTQ method (default: rtn; have: {', '.join(sorted(METHODS))})")
+def add_method_args(p: argparse.ArgumentParser, spec_required: bool,
+                    with_method: bool = True) -> None:
+    """--spec, --method and one flag per field of every registered method's options."""
+    if with_method:
+        p.add_argument("--spec", required=spec_required,
+                       help="quantization spec, e.g. int3-g64, int4-sym-ch, e2m1-g32")
+        p.add_argument("--method", default="rtn",
+                       help=f"registered PTQ method (default: rtn; have: "
+                            f"{', '.join(sorted(METHODS))})")
     for name, f in _option_fields().items():
         flag = "--" + name.replace("_", "-")
         owners = [m for m in METHODS.values()
@@ -43,7 +48,8 @@ def add_method_args(p: argparse.ArgumentParser, spec_required: bool) -> None:
         who = ", ".join(m.name for m in owners)
         text = f"{f.metadata.get('help', name)} ({who}; default {f.default})"
         if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=text)
         else:
             p.add_argument(flag, type=_TYPES.get(f.type, str), default=argparse.SUPPRESS,
                            help=text)
@@ -61,16 +67,24 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="calibration blocks per forward pass (default: 8)")
 
 
-def method_options(args):
-    method = get_method(args.method)
+def options_for(method_name: str, args, among: list[str] | None = None):
+    """Options of one method from the flags given. A flag that none of the methods in `among`
+    (default: just this one) has is an error; flags of the other methods are left to them."""
+    method = get_method(method_name)
     own = {f.name for f in dataclasses.fields(method.options)}
+    among = among or [method_name]
+    known = {f.name for m in among for f in dataclasses.fields(get_method(m).options)}
     given = {name: getattr(args, name) for name in _option_fields() if hasattr(args, name)}
-    foreign = sorted(set(given) - own)
+    foreign = sorted(set(given) - known)
     if foreign:
         flags = ", ".join("--" + n.replace("_", "-") for n in foreign)
-        raise SystemExit(f"{flags}: not an option of method {args.method!r} "
-                         f"(its options: {sorted(own) or 'none'})")
-    return method.make_options(**given)
+        raise SystemExit(f"{flags}: not an option of method(s) {', '.join(among)} "
+                         f"(their options: {sorted(known) or 'none'})")
+    return method.make_options(**{k: v for k, v in given.items() if k in own})
+
+
+def method_options(args):
+    return options_for(args.method, args)
 
 
 def run_ptq(model, tokenizer, args, progress: bool = True) -> dict:

@@ -5,11 +5,11 @@ import torch
 
 import ptq
 from compare.models import load_model
-from recipes import cli, rtn_table
+from recipes import cli, ptq_table
 
 
 @pytest.mark.parametrize("argv", [[], ["prepare"], ["quantize"], ["eval"], ["recipe"],
-                                  ["recipe", "rtn-table"]])
+                                  ["recipe", "ptq-table"]])
 def test_every_subcommand_has_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv + ["--help"])
@@ -47,6 +47,7 @@ def test_quantize_then_eval(tmp_path, tiny_model_dir, text_file, capsys):
         assert torch.equal(b.weight, ptq.fake_quantize(a.weight, "int3-g16")), name
     report = json.loads((out / "qalign-quant.json").read_text())
     assert report["spec"] == "int3-g16" and len(report["layers"]) == 14
+    assert (out / "layers.csv").read_text().count("\n") == 15
 
     cli.main(["eval", "--model", str(out), "--data", str(text_file), "--seq-len", "32",
               "--max-tokens", "128", "--device", "cpu", "--json", str(tmp_path / "e.json")])
@@ -55,25 +56,35 @@ def test_quantize_then_eval(tmp_path, tiny_model_dir, text_file, capsys):
     assert row["perplexity"] == pytest.approx(2.718281828 ** row["nll"], rel=1e-9)
 
 
-def test_rtn_table_writes_results_and_resumes(tmp_path, tiny_model_dir, text_file, monkeypatch):
+def test_ptq_table_writes_results_and_resumes(tmp_path, tiny_model_dir, text_file, monkeypatch):
     argv = ["--model", str(tiny_model_dir), "--data", str(text_file), "--bits", "2", "4",
             "--granularity", "ch", "g16", "--seq-len", "32", "--max-tokens", "128",
+            "--samples", "4", "--methods", "rtn", "gptq", "--act-order",
             "--device", "cpu", "--out", str(tmp_path / "t")]
-    result = rtn_table.run(rtn_table.build_parser().parse_args(argv))
-    specs = [(r["method"], r["spec"]) for r in result["rows"]]
-    assert specs == [("fp", "fp32"), ("rtn", "int2-ch"), ("rtn", "int2-g16"),
-                     ("rtn", "int4-ch"), ("rtn", "int4-g16")]
-    for name in ("results.json", "table.md", "rtn.png"):
+    result = ptq_table.run(ptq_table.build_parser().parse_args(argv))
+    keys = [(r["method"], r["spec"]) for r in result["rows"]]
+    assert keys == [("fp", "fp32")] + [(m, s) for s in ("int2-ch", "int2-g16", "int4-ch",
+                                                         "int4-g16") for m in ("rtn", "gptq")]
+    assert result["config"]["options"]["gptq"]["act_order"] is True
+    assert all(r["calibration_tokens"] == (4 * 32 if r["method"] == "gptq" else 0)
+               for r in result["rows"])
+    for name in ("results.json", "table.md", "ptq.png"):
         assert (tmp_path / "t" / name).stat().st_size > 0
-    # the fp row is the unquantized model: restoring weights between rows works
-    assert len({r["nll"] for r in result["rows"]}) == 5
+    # each row starts from the unquantized model: restoring weights between rows works
+    assert len({r["nll"] for r in result["rows"]}) == len(keys)
 
     def no_eval(*a, **k):
         raise AssertionError("a finished row was computed again")
 
-    monkeypatch.setattr(rtn_table, "evaluate_nll", no_eval)
-    again = rtn_table.run(rtn_table.build_parser().parse_args(argv))
+    monkeypatch.setattr(ptq_table, "evaluate_nll", no_eval)
+    again = ptq_table.run(ptq_table.build_parser().parse_args(argv))
     assert again["rows"] == result["rows"]
     other = [a if a != "32" else "16" for a in argv]  # --seq-len 16: another config
     with pytest.raises(SystemExit, match="another config"):
-        rtn_table.run(rtn_table.build_parser().parse_args(other))
+        ptq_table.run(ptq_table.build_parser().parse_args(other))
+
+
+def test_option_flag_of_another_method_is_an_error(tiny_model_dir):
+    with pytest.raises(SystemExit, match="--act-order: not an option of method"):
+        cli.main(["quantize", "--model", str(tiny_model_dir), "--spec", "int4", "--method",
+                  "rtn", "--act-order", "--out", "unused"])

@@ -1,0 +1,176 @@
+"""Recipe: held-out perplexity in full precision and after each PTQ method at several specs.
+
+    python -m recipes.ptq_table --methods rtn gptq --out results/ptq-table
+    qalign recipe ptq-table --methods rtn gptq --out results/ptq-table
+
+All methods calibrate on the same budget (--samples x --seq-len tokens of the train split, seeded);
+each row records the quantization seconds and the peak RSS sampled during quantization.
+Writes DIR/results.json (config, versions, one row per method and spec), DIR/table.md and
+DIR/ptq.png. Each finished row is saved at once; a rerun with the same config skips finished rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from compare.data import DataBudget, load_text, tokenize
+from compare.evaluate import eval_windows, evaluate_nll
+from compare.io import atomic_write_text, read_json, write_json
+from compare.memory import PeakRSS
+from compare.models import load_model
+from ptq.apply import quantize_model
+from ptq.formats import parse_spec
+from ptq.registry import get_method
+from ptq.sequential import quantize_sequential
+from recipes.common import WeightSnapshot, resolve_device, versions
+from recipes.quantization import add_budget_args, add_method_args, options_for
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="python -m recipes.ptq_table",
+                                          description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m",
+                   help="embedded name, local model folder or hub id (default: smollm2-135m)")
+    p.add_argument("--data", default="wiki",
+                   help="'wiki' (embedded), a text file, or hf:NAME[:CONFIG] (default: wiki)")
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"],
+                   help="registered PTQ methods (default: rtn gptq)")
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4],
+                   help="integer bit widths (default: 2 3 4)")
+    p.add_argument("--granularity", nargs="+", default=["ch", "g64"],
+                   help="scaling granularities: ch, t or gN (default: ch g64)")
+    p.add_argument("--sym", action="store_true", help="symmetric grids (int{b}-sym)")
+    p.add_argument("--seq-len", type=int, default=512,
+                   help="calibration block length and evaluation window (default: 512)")
+    p.add_argument("--max-tokens", type=int, default=16384,
+                   help="held-out tokens evaluated (default: 16384)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--out", type=Path, default=Path("results/ptq-table"),
+                   help="output folder (default: results/ptq-table)")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard finished rows in --out instead of resuming")
+    add_budget_args(p)
+    add_method_args(p, spec_required=False, with_method=False)
+    return p
+
+
+def specs_of(args) -> list[str]:
+    sym = "-sym" if args.sym else ""
+    return [str(parse_spec(f"int{b}{sym}-{g}")) for b in args.bits for g in args.granularity]
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| method | spec | perplexity | NLL (nats) | quantize s | peak RSS GB |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['spec']} | {r['perplexity']:,.2f} | {r['nll']:.4f} | "
+                     f"{r['quantize_seconds']:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fp = next(r for r in rows if r["method"] == "fp")
+    quant = [r for r in rows if r["method"] != "fp"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method in dict.fromkeys(r["method"] for r in quant):
+        for gran, style in zip(dict.fromkeys(r["spec"].split("-")[-1] for r in quant), "-:"):
+            pts = sorted((parse_spec(r["spec"]).bits, r["perplexity"]) for r in quant
+                         if r["method"] == method and r["spec"].endswith("-" + gran))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ls=style, label=f"{method} -{gran}")
+    ax.axhline(fp["perplexity"], color="k", ls="--", lw=1, label="FP")
+    ax.set(yscale="log", xlabel="bits", ylabel="held-out perplexity", title=title)
+    ax.set_xticks(sorted({parse_spec(r["spec"]).bits for r in quant}))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name)
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run(args) -> dict:
+    methods = [get_method(m).name for m in args.methods]  # unknown names fail here
+    options = {m: options_for(m, args, among=methods) for m in methods}
+    budget = DataBudget(args.samples, args.seq_len, args.seed)
+    config = {"recipe": "ptq-table", "model": args.model, "data": args.data,
+              "seq_len": args.seq_len, "max_tokens": args.max_tokens,
+              "budget": dataclasses.asdict(budget), "true_sequential": args.true_sequential,
+              "propagate": args.propagate,
+              "options": {m: dataclasses.asdict(o) for m, o in options.items()}}
+    out: Path = args.out
+    results_path = out / "results.json"
+    previous = None if args.fresh else read_json(results_path)
+    rows = []
+    if previous is not None:
+        if previous["config"] != config:
+            raise SystemExit(f"{results_path} holds results of another config "
+                             f"({previous['config']}); use another --out, or --fresh to "
+                             "discard them")
+        rows = previous["rows"]
+    done = {(r["method"], r["spec"]) for r in rows}
+
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, device=device)
+    text = load_text(args.data)
+    windows = eval_windows(tokenize(tokenizer, text.heldout), args.seq_len, args.max_tokens)
+    calib = budget.blocks(tokenize(tokenizer, text.train))
+    snapshot = WeightSnapshot(model)
+    result = {"config": config, "versions": versions(), "device": device, "rows": rows}
+
+    todo = [("fp", "fp32")] + [(m, s) for s in specs_of(args) for m in methods]
+    for method, spec in todo:
+        if (method, spec) in done:
+            continue
+        snapshot.restore()
+        t0 = time.perf_counter()
+        with PeakRSS() as mem:
+            if method == "fp":
+                pass
+            elif get_method(method).needs_hessian:
+                quantize_sequential(model, calib, spec, method, options[method],
+                                    true_sequential=args.true_sequential,
+                                    propagate=args.propagate, batch_size=args.calib_batch_size)
+            else:
+                quantize_model(model, spec, method, options[method])
+        q_seconds = time.perf_counter() - t0
+        ev = evaluate_nll(model, windows, desc=f"eval {method} {spec}")
+        uses_data = method != "fp" and get_method(method).needs_hessian
+        rows.append({"method": method, "spec": spec, "nll": ev.nll, "perplexity": ev.perplexity,
+                     "scored_tokens": ev.scored_tokens,
+                     "calibration_tokens": budget.unique_tokens if uses_data else 0,
+                     "quantize_seconds": q_seconds, "peak_rss_bytes": mem.peak,
+                     "eval_seconds": ev.seconds, "tokens_per_second": ev.tokens_per_second})
+        print(f"{method:5s} {spec:12s} perplexity {ev.perplexity:12,.2f}  quantize "
+              f"{q_seconds:6.1f} s  peak RSS {mem.peak / 1e9:.2f} GB", flush=True)
+        write_json(results_path, result)
+    snapshot.restore()
+
+    order = {key: i for i, key in enumerate(todo)}
+    rows.sort(key=lambda r: order.get((r["method"], r["spec"]), len(order)))
+    write_json(results_path, result)
+    table = markdown(rows)
+    atomic_write_text(out / "table.md", table)
+    plot(rows, out / "ptq.png", f"{args.model}: {budget.n_samples} x {budget.seq_len} calibration, "
+         f"{windows.numel():,} eval tokens")
+    print(table)
+    print(f"wrote {results_path}, {out / 'table.md'}, {out / 'ptq.png'}")
+    return result
+
+
+def main(argv=None) -> None:
+    run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
