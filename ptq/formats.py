@@ -43,6 +43,9 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_with",
     "fake_quantize_broadcast",
+    "representable_range",
+    "expand_blocks",
+    "sum_blocks",
 ]
 
 FLOAT_ALIASES = {"fp4": (2, 1), "fp8": (4, 3), "fp16": (5, 10), "bf16": (8, 7)}
@@ -386,3 +389,28 @@ def fake_quantize_broadcast(x: torch.Tensor, qparams: QParams, spec: QuantSpec) 
     as `fake_quantize_with`, so the results lie on exactly the same grid. x must be in
     spec.compute_dtype."""
     return _from_grid(_on_grid(x, qparams, spec), qparams)
+
+
+def representable_range(qparams: QParams, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) of each block's grid, shape (rows, n_blocks): values outside are clipped."""
+    if spec.kind == "int":
+        zero = qparams.zero if qparams.zero is not None else 0.0
+        return (spec.qmin - zero) * qparams.scale, (spec.qmax - zero) * qparams.scale
+    top = spec.float_max * qparams.scale
+    return -top, top
+
+
+def expand_blocks(t: torch.Tensor, shape: torch.Size, spec: QuantSpec) -> torch.Tensor:
+    """A per-block tensor (rows, n_blocks) broadcast back to the weight's shape."""
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    if spec.granularity == "tensor":
+        return t.reshape(1, 1).expand(rows, cols).reshape(shape)
+    if spec.granularity == "channel":
+        return t.reshape(rows, 1).expand(rows, cols).reshape(shape)
+    G = spec.group_size
+    return t.reshape(rows, cols // G, 1).expand(rows, cols // G, G).reshape(shape)
+
+
+def sum_blocks(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Sum of x (weight-shaped) over each block: (rows, n_blocks), the adjoint of expand_blocks."""
+    return _blocked(x, spec).sum(-1).to(x.dtype)

@@ -29,9 +29,10 @@ import torch
 
 from .formats import (ClipSearch, QParams, QuantSpec, compute_qparams, dequantize,
                       fake_quantize_broadcast, parse_spec, quantize)
+from .metrics import layer_loss
 from .registry import LayerStats, QuantResult, register_method
 
-__all__ = ["GPTQOptions", "GPTQResult", "gptq_quantize", "inverse_cholesky", "layer_loss"]
+__all__ = ["GPTQOptions", "GPTQResult", "gptq_quantize", "inverse_cholesky"]
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,6 @@ class GPTQResult(QuantResult):
     damp: float = 0.0  # damping actually used (fraction of mean diag H)
     dead_columns: int = 0  # inputs that were always zero in calibration
     seconds: float = 0.0
-
-
-def layer_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
-    """tr((W - Wq) H (W - Wq)^T) in float64: the output error 1/n ||X W^T - X Wq^T||^2 * 2."""
-    dW = W.detach().to(torch.float64) - Wq.detach().to(torch.float64)
-    return float(((dW @ H.to(torch.float64)) * dW).sum())
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int = 8

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .apply import FilterFn, linear_weight, quantizable_linears, set_linear_weight
 from .arch import decoder_blocks, get_arch
 from .formats import QuantizedTensor, QuantSpec, parse_spec
-from .gptq import layer_loss
+from .metrics import layer_loss, relative_output_error_from_hessian
 from .hessian import HessianAccumulator
 from .registry import LayerStats, get_method
 
@@ -201,13 +201,12 @@ def quantize_sequential(model: nn.Module, calib: torch.Tensor, spec: QuantSpec |
                 H = acc[n].H
                 res = m.fn(W, LayerStats(H=H, n_tokens=acc[n].n_tokens), spec, options)
                 loss = layer_loss(W, res.weight, H)
-                ref = layer_loss(W, torch.zeros_like(W), H)
+                rel = relative_output_error_from_hessian(W, res.weight, H)
                 set_linear_weight(layers[n], res.weight)
                 if res.quantized is not None:
                     quantized[n] = res.quantized
                 rows.append(LayerRow(n, k, tuple(W.shape), method, str(spec),
-                                     getattr(res, "damp", None), loss,
-                                     loss / ref if ref > 0 else 0.0, acc[n].n_tokens,
+                                     getattr(res, "damp", None), loss, rel, acc[n].n_tokens,
                                      time.perf_counter() - t0))
             del acc
         if outputs is None:

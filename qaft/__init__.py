@@ -1,4 +1,8 @@
-"""Quantization-aware fine-tuning with a straight-through estimator, on the PTQ data budget.
+"""Quantization-aware fine-tuning (QAFT) with a straight-through estimator, on the PTQ budget.
 
-Not built yet (tracked as its own issue); it will reuse `ptq.formats` for its fake quantization.
+Fake quantization reuses `ptq.formats`, so QAFT and PTQ mean exactly the same grid.
 """
+
+from .fake_quant import INITS, SCALE_MODES, FakeQuantLinear, convert, fake_quant_layers, prepare
+
+__all__ = ["FakeQuantLinear", "INITS", "SCALE_MODES", "convert", "fake_quant_layers", "prepare"]

@@ -12,21 +12,23 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from compare.data import DataError, load_text, tokenize
+from compare.data import DataBudget, DataError, load_text, tokenize
 from compare.evaluate import evaluate_nll
 from compare.io import write_csv, write_json
 from compare.models import EMBEDDED_MODELS, ModelError, load_model, prepare_embedded
 from ptq.checkpoint import save_quantized
 from ptq.formats import SpecError, parse_spec
-from recipes import ptq_table
+from recipes import ptq_table, same_budget
+from recipes.finetune import add_finetune_args, finetune_model
 from recipes.common import heldout_windows, resolve_device, versions
 from recipes.quantization import add_budget_args, add_method_args, layer_table, method_options, run_ptq
 
-RECIPES = {"ptq-table": ptq_table}
+RECIPES = {"ptq-table": ptq_table, "same-budget": same_budget}
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -95,6 +97,33 @@ def cmd_eval(args) -> None:
         write_json(args.json, row)
 
 
+def cmd_finetune(args) -> None:
+    if (args.mode == "fp") == (args.spec is not None):
+        raise SystemExit("give --spec with --mode qaft/lora, and no --spec with --mode fp")
+    spec = parse_spec(args.spec) if args.spec else None
+    model, tokenizer = load_model(args.model, device=resolve_device(args.device),
+                                  trust_remote_code=args.trust_remote_code)
+    budget = DataBudget(args.samples, args.seq_len, args.budget_seed)
+    calib = budget.blocks(tokenize(tokenizer, load_text(args.data).train))
+    model, codes, result, info = finetune_model(model, calib, str(spec) if spec else None, args)
+    out = Path(args.out)
+    if codes is None:
+        model.save_pretrained(out)
+    else:
+        save_quantized(model, codes, out, {"method": f"{args.mode}", "source_model": args.model})
+    tokenizer.save_pretrained(out)
+    write_json(out / "qalign-finetune.json", {
+        "source_model": args.model, "spec": str(spec) if spec else None, **info,
+        "budget": {"data": args.data, **asdict(budget), "unique_tokens": budget.unique_tokens},
+        "steps": result.steps, "tokens_processed": result.tokens_processed,
+        "unique_tokens": result.unique_tokens, "train_seconds": result.seconds,
+        "history": result.history, "versions": versions()})
+    last = result.history[-1]
+    print(f"{args.mode} {spec or 'fp'}: {result.steps} steps, {result.tokens_processed:,} tokens "
+          f"({result.unique_tokens:,} unique), final loss {last['loss']:.4f}, "
+          f"{info['seconds']:.0f} s -> {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qalign", description="Local vs global loss of quantized LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -130,6 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_budget_args(s)
     s.add_argument("--json", help="also write the result to this JSON file")
     s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("finetune", help="QAFT / LoRA / FP fine-tuning on a PTQ data budget",
+                       description="Fine-tune on exactly the token blocks PTQ calibrates on "
+                                   "(--samples x --seq-len of the train split) and save the "
+                                   "result (packed codes, or plain safetensors for --mode fp).")
+    _model_args(s)
+    s.add_argument("--spec", help="quantization spec (not with --mode fp)")
+    s.add_argument("--data", default="wiki",
+                   help="training text: 'wiki', a text file or hf:NAME[:CONFIG] (default: wiki)")
+    s.add_argument("--samples", type=int, default=128,
+                   help="budget: number of token blocks (default: 128)")
+    s.add_argument("--seq-len", type=int, default=512, help="budget: block length (default: 512)")
+    s.add_argument("--budget-seed", type=int, default=0,
+                   help="seed of the block draw, as PTQ's --seed (default: 0)")
+    add_finetune_args(s)
+    s.add_argument("--out", required=True, help="output model folder")
+    s.set_defaults(fn=cmd_finetune)
 
     s = sub.add_parser("recipe", help="run an experiment recipe",
                        description="Run a recipe; `qalign recipe NAME --help` lists its flags.")

@@ -22,6 +22,7 @@ from compare.data import DataBudget, load_text, tokenize
 from compare.evaluate import eval_windows, evaluate_nll
 from compare.io import atomic_write_text, read_json, write_json
 from compare.memory import PeakRSS
+from compare.plots import new_figure, save_figure
 from compare.models import load_model
 from ptq.apply import quantize_model
 from ptq.formats import parse_spec
@@ -74,14 +75,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fp = next(r for r in rows if r["method"] == "fp")
     quant = [r for r in rows if r["method"] != "fp"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = new_figure()
     for method in dict.fromkeys(r["method"] for r in quant):
         for gran, style in zip(dict.fromkeys(r["spec"].split("-")[-1] for r in quant), "-:"):
             pts = sorted((parse_spec(r["spec"]).bits, r["perplexity"]) for r in quant
@@ -92,11 +88,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set(yscale="log", xlabel="bits", ylabel="held-out perplexity", title=title)
     ax.set_xticks(sorted({parse_spec(r["spec"]).bits for r in quant}))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name("." + path.name)
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def run(args) -> dict:

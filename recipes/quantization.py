@@ -18,7 +18,7 @@ from ptq.formats import parse_spec
 from ptq.registry import METHODS, get_method
 from ptq.sequential import quantize_sequential
 
-__all__ = ["add_method_args", "add_budget_args", "options_for", "method_options", "run_ptq",
+__all__ = ["add_field_flag", "dataclass_from_args", "add_method_args", "add_budget_args", "options_for", "method_options", "run_ptq",
            "layer_table"]
 
 _TYPES = {"int": int, "float": float, "str": str}
@@ -32,6 +32,24 @@ def _option_fields() -> dict[str, dataclasses.Field]:
     return fields
 
 
+def add_field_flag(p: argparse.ArgumentParser, f: dataclasses.Field, owners: str = "") -> None:
+    """One flag for one dataclass field: --field-name, help from metadata["help"], not set unless
+    given (so the dataclass keeps its own default); bools get --x / --no-x."""
+    flag = "--" + f.name.replace("_", "-")
+    text = f"{f.metadata.get('help', f.name)} ({owners + '; ' if owners else ''}default {f.default})"
+    if f.type in ("bool", bool):
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                       help=text)
+    else:
+        p.add_argument(flag, type=_TYPES.get(f.type, str), default=argparse.SUPPRESS, help=text)
+
+
+def dataclass_from_args(cls, args, **overrides):
+    """An instance of cls from the flags that add_field_flag made and the user gave."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**given, **overrides})
+
+
 def add_method_args(p: argparse.ArgumentParser, spec_required: bool,
                     with_method: bool = True) -> None:
     """--spec, --method and one flag per field of every registered method's options."""
@@ -42,17 +60,9 @@ def add_method_args(p: argparse.ArgumentParser, spec_required: bool,
                        help=f"registered PTQ method (default: rtn; have: "
                             f"{', '.join(sorted(METHODS))})")
     for name, f in _option_fields().items():
-        flag = "--" + name.replace("_", "-")
-        owners = [m for m in METHODS.values()
+        owners = [m.name for m in METHODS.values()
                   if name in {x.name for x in dataclasses.fields(m.options)}]
-        who = ", ".join(m.name for m in owners)
-        text = f"{f.metadata.get('help', name)} ({who}; default {f.default})"
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS, help=text)
-        else:
-            p.add_argument(flag, type=_TYPES.get(f.type, str), default=argparse.SUPPRESS,
-                           help=text)
+        add_field_flag(p, f, ", ".join(owners))
 
 
 def add_budget_args(p: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ptq
+import ptq.checkpoint
 from compare.models import load_model
 from recipes import cli, ptq_table
 
@@ -88,3 +89,43 @@ def test_option_flag_of_another_method_is_an_error(tiny_model_dir):
     with pytest.raises(SystemExit, match="--act-order: not an option of method"):
         cli.main(["quantize", "--model", str(tiny_model_dir), "--spec", "int4", "--method",
                   "rtn", "--act-order", "--out", "unused"])
+
+
+@pytest.mark.parametrize("mode,extra", [("qaft", []), ("qaft", ["--init", "gptq"]),
+                                        ("lora", ["--rank", "4"]), ("fp", [])])
+def test_finetune_saves_a_loadable_result(tmp_path, tiny_model_dir, text_file, mode, extra):
+    out = tmp_path / mode
+    spec = [] if mode == "fp" else ["--spec", "int4-g16"]
+    cli.main(["finetune", "--model", str(tiny_model_dir), "--mode", mode, *spec, *extra,
+              "--data", str(text_file), "--samples", "4", "--seq-len", "16", "--batch-size", "2",
+              "--lr", "1e-3", "--device", "cpu", "--out", str(out)])
+    report = json.loads((out / "qalign-finetune.json").read_text())
+    assert report["steps"] == 2 and report["unique_tokens"] == 4 * 16
+    assert report["tokens_processed"] == 4 * 16
+    model, _ = load_model(str(out))
+    original, _ = load_model(str(tiny_model_dir))
+    for (name, m), (_, o) in zip(ptq.quantizable_linears(model), ptq.quantizable_linears(original)):
+        assert not torch.equal(m.weight, o.weight), name  # it trained (or was quantized)
+        if mode != "fp":  # on the grid: a fresh RTN of the weight with its own scales is itself
+            qt = ptq.checkpoint.read_quantized(out)[1][name]
+            assert torch.equal(ptq.dequantize(qt), m.weight)
+    if mode == "lora":
+        assert "re-quantized" in report["note"]
+
+
+def test_same_budget_recipe_rows_and_accounting(tmp_path, tiny_model_dir, text_file):
+    from recipes import same_budget
+
+    argv = ["--model", str(tiny_model_dir), "--data", str(text_file), "--bits", "3",
+            "--granularity", "g16", "--samples", "4", "--seq-len", "16", "--epochs", "2",
+            "--lr", "1e-3", "--eval-seq-len", "32", "--max-tokens", "128", "--device", "cpu",
+            "--out", str(tmp_path / "sb")]
+    result = same_budget.run(same_budget.build_parser().parse_args(argv))
+    rows = {(r["method"], r["spec"]): r for r in result["rows"]}
+    assert list(rows) == [("fp", "fp32"), ("fp-ft", "fp32"), ("rtn", "int3-g16"),
+                          ("gptq", "int3-g16"), ("qaft", "int3-g16")]
+    for key in (("fp-ft", "fp32"), ("qaft", "int3-g16")):
+        assert rows[key]["unique_tokens"] == 64 and rows[key]["tokens_processed"] == 128
+    assert rows[("gptq", "int3-g16")]["unique_tokens"] == 64
+    assert rows[("rtn", "int3-g16")]["unique_tokens"] == 0
+    assert (tmp_path / "sb" / "same_budget.png").stat().st_size > 0

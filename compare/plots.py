@@ -1,0 +1,26 @@
+"""Matplotlib without a display, and figures written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["new_figure", "save_figure"]
+
+
+def new_figure(width: float = 5.5, height: float = 3.8):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name)
+    fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,158 @@
+"""Recipe: FP, RTN, GPTQ and QAFT on one data budget, with the FP fine-tuning control.
+
+    python -m recipes.same_budget --samples 32 --seq-len 256 --epochs 2 --out results/same-budget
+    qalign recipe same-budget --samples 32 --seq-len 256 --epochs 2 --out results/same-budget
+
+GPTQ calibrates on, and QAFT (and the FP control) trains on, exactly the same `--samples x
+--seq-len` token blocks of the train split. Every row records unique tokens, tokens processed and
+wall time (quantization + training), and the held-out perplexity (windows of --eval-seq-len).
+QAFT's gain must be read against `fp-ft` (the FP model fine-tuned on the same tokens with the
+same schedule) as well as against `fp`: fine-tuning on in-domain text lowers held-out NLL by itself.
+Writes DIR/results.json, DIR/table.md, DIR/same_budget.png; finished rows are kept and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+from compare.data import DataBudget, load_text, tokenize
+from compare.evaluate import eval_windows, evaluate_nll
+from compare.io import atomic_write_text, read_json, write_json
+from compare.memory import PeakRSS
+from compare.plots import new_figure, save_figure
+from compare.models import load_model
+from ptq.apply import quantize_model
+from ptq.formats import parse_spec
+from ptq.gptq import GPTQOptions
+from ptq.sequential import quantize_sequential
+from recipes.common import resolve_device, versions
+from recipes.finetune import finetune_model
+
+METHODS = ("rtn", "gptq", "qaft")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="python -m recipes.same_budget",
+                                          description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m",
+                   help="embedded name, local model folder or hub id (default: smollm2-135m)")
+    p.add_argument("--data", default="wiki", help="text source (default: wiki)")
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4],
+                   help="integer bit widths (default: 2 3 4)")
+    p.add_argument("--granularity", default="g64", help="ch, t or gN (default: g64)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="methods per bit width (default: rtn gptq qaft)")
+    p.add_argument("--samples", type=int, default=32, help="budget: blocks (default: 32)")
+    p.add_argument("--seq-len", type=int, default=256, help="budget: block length (default: 256)")
+    p.add_argument("--seed", type=int, default=0, help="budget and data-order seed (default: 0)")
+    p.add_argument("--epochs", type=int, default=2, help="QAFT / FP-control epochs (default: 2)")
+    p.add_argument("--lr", type=float, default=1e-5, help="QAFT / FP-control AdamW lr (1e-5)")
+    p.add_argument("--eval-seq-len", type=int, default=512,
+                   help="evaluation window (default: 512)")
+    p.add_argument("--max-tokens", type=int, default=16384,
+                   help="held-out tokens evaluated (default: 16384)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--out", type=Path, default=Path("results/same-budget"),
+                   help="output folder (default: results/same-budget)")
+    p.add_argument("--fresh", action="store_true", help="discard finished rows in --out")
+    return p
+
+
+def _train_args(args, mode: str) -> argparse.Namespace:
+    return argparse.Namespace(mode=mode, init="rtn", scale_mode=None, clipped_ste=True,
+                              lr=args.lr, epochs=args.epochs, seed=args.seed)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| method | spec | perplexity | unique tokens | tokens processed | wall s |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['spec']} | {r['perplexity']:,.2f} | "
+                     f"{r['unique_tokens']:,} | {r['tokens_processed']:,} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    fig, ax = new_figure()
+    for method in METHODS:
+        pts = sorted((parse_spec(r["spec"]).bits, r["perplexity"]) for r in rows
+                     if r["method"] == method)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=method)
+    for method, style in (("fp", "--"), ("fp-ft", ":")):
+        for r in rows:
+            if r["method"] == method:
+                ax.axhline(r["perplexity"], color="k", ls=style, lw=1, label=method)
+    ax.set(yscale="log", xlabel="bits", ylabel="held-out perplexity", title=title)
+    ax.set_xticks(sorted({parse_spec(r["spec"]).bits for r in rows if r["spec"] != "fp32"}))
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def run(args) -> dict:
+    budget = DataBudget(args.samples, args.seq_len, args.seed)
+    config = {"recipe": "same-budget", "model": args.model, "data": args.data,
+              "budget": dataclasses.asdict(budget), "epochs": args.epochs, "lr": args.lr,
+              "eval_seq_len": args.eval_seq_len, "max_tokens": args.max_tokens,
+              "granularity": args.granularity, "gptq": dataclasses.asdict(GPTQOptions())}
+    results_path = args.out / "results.json"
+    previous = None if args.fresh else read_json(results_path)
+    if previous is not None and previous["config"] != config:
+        raise SystemExit(f"{results_path} holds results of another config; use another --out "
+                         "or --fresh")
+    rows = previous["rows"] if previous else []
+    done = {(r["method"], r["spec"]) for r in rows}
+    result = {"config": config, "versions": versions(), "rows": rows}
+    device = resolve_device(args.device)
+
+    _, tokenizer = load_model(args.model, device=device)
+    text = load_text(args.data)
+    windows = eval_windows(tokenize(tokenizer, text.heldout), args.eval_seq_len, args.max_tokens)
+    calib = budget.blocks(tokenize(tokenizer, text.train))
+    specs = [str(parse_spec(f"int{b}-{args.granularity}")) for b in args.bits]
+    todo = [("fp", "fp32"), ("fp-ft", "fp32")] + [(m, s) for s in specs for m in args.methods]
+    for method, spec in todo:
+        if (method, spec) in done:
+            continue
+        model, _ = load_model(args.model, device=device, with_tokenizer=False)
+        t0 = time.perf_counter()
+        steps = processed = 0
+        with PeakRSS() as mem:
+            if method == "rtn":
+                quantize_model(model, spec, "rtn")
+            elif method == "gptq":
+                quantize_sequential(model, calib, spec, "gptq", GPTQOptions())
+                processed = budget.unique_tokens
+            elif method in ("qaft", "fp-ft"):
+                mode = "qaft" if method == "qaft" else "fp"
+                model, _, train, _ = finetune_model(model, calib, spec if mode == "qaft" else None,
+                                                    _train_args(args, mode))
+                steps, processed = train.steps, train.tokens_processed
+        seconds = time.perf_counter() - t0
+        ev = evaluate_nll(model, windows, desc=f"eval {method} {spec}")
+        rows.append({"method": method, "spec": spec, "nll": ev.nll, "perplexity": ev.perplexity,
+                     "unique_tokens": 0 if method in ("fp", "rtn") else budget.unique_tokens,
+                     "tokens_processed": processed, "steps": steps, "seconds": seconds,
+                     "peak_rss_bytes": mem.peak, "scored_tokens": ev.scored_tokens})
+        print(f"{method:6s} {spec:10s} perplexity {ev.perplexity:12,.2f}  {seconds:6.0f} s",
+              flush=True)
+        write_json(results_path, result)
+    order = {k: i for i, k in enumerate(todo)}
+    rows.sort(key=lambda r: order.get((r["method"], r["spec"]), len(order)))
+    write_json(results_path, result)
+    atomic_write_text(args.out / "table.md", markdown(rows))
+    plot(rows, args.out / "same_budget.png",
+         f"{args.model}: {budget.n_samples} x {budget.seq_len} tokens, {args.epochs} epoch(s)")
+    print(markdown(rows))
+    return result
+
+
+def main(argv=None) -> None:
+    run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
