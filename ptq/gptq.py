@@ -6,8 +6,9 @@ upper Cholesky factor U of H^-1 (Algorithm 1 of the paper):
 
     for each column i:  q_i = quant(w_i);  err = (w_i - q_i) / U_ii;  W[:, i:] -= err U[i, i:]
 
-Updates are applied lazily in blocks of `block_size` columns: within a block column by column,
-to the rest of W once per block (one GEMM). `act_order` visits columns by decreasing H_ii.
+Updates are applied lazily in blocks of `block_size` columns: within a block column by column
+(in sub-blocks of 16 columns, each closed by one small GEMM), to the rest of W once per block
+(one GEMM). `act_order` visits columns by decreasing H_ii.
 
 Group scales (-gG) are set when the first column of a group is reached, from that group's
 weights *as updated so far*, with every pending in-block update applied, so the result does not
@@ -33,6 +34,8 @@ from .metrics import layer_loss
 from .registry import LayerStats, QuantResult, register_method
 
 __all__ = ["GPTQOptions", "GPTQResult", "gptq_quantize", "inverse_cholesky"]
+
+SUB_BLOCK = 16  # columns per inner sub-block of the in-block updates
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec | str, *,
     perm = (torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order
             else torch.arange(n, device=W.device))
     inv = torch.argsort(perm)
-    Wc, H = Wc[:, perm], H[perm][:, perm]
+    if act_order:
+        Wc, H = Wc[:, perm], H[perm][:, perm]
     U, damp_used = inverse_cholesky(H, damp)
     U = U.to(dt)
 
@@ -140,10 +144,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec | str, *,
         p = compute_qparams(Wc, spec, clip)  # one scale per row (or per tensor), from W
         scale, zero = p.scale, p.zero
 
-    Q = torch.empty_like(Wc)
+    # Work on W^T, (n, rows): each column of W is a contiguous row, so the per-column steps
+    # below touch contiguous memory.
+    WT = Wc.T.contiguous()
+    QT = torch.empty_like(WT)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        W1 = Wc[:, i1:i2].clone()
+        W1 = WT[i1:i2].clone()  # (b, rows)
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -152,24 +159,30 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec | str, *,
                 g = group_at[col]
                 if not ready[g]:
                     S = pos_of_group[g]  # all >= col; current values incl. pending updates
-                    cur = Wc[:, S] - Err1[:, :i] @ U[i1:col, S]
-                    pg = compute_qparams(cur, spec.per_channel(), clip)
+                    cur = WT[S] - U[i1:col, S].T @ Err1[:i]  # (G, rows)
+                    pg = compute_qparams(cur.T, spec.per_channel(), clip)
                     scale[:, g] = pg.scale[:, 0]
                     if zero is not None:
                         zero[:, g] = pg.zero[:, 0]
                     ready[g] = True
-                p = QParams(scale[:, g:g + 1], None if zero is None else zero[:, g:g + 1])
+                p = QParams(scale[:, g], None if zero is None else zero[:, g])
             else:
-                p = QParams(scale, zero)
-            w = W1[:, i:i + 1]
+                p = QParams(scale[:, 0], None if zero is None else zero[:, 0])
+            w = W1[i]
             q = fake_quantize_broadcast(w, p, spec)
-            Q[:, col:col + 1] = q
+            QT[col] = q
             err = (w - q) / U1[i, i]
-            W1[:, i:] -= err @ U1[i:i + 1, i:]
-            Err1[:, i:i + 1] = err
-        Wc[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            Err1[i] = err
+            # rank-1 update inside the current sub-block only; the rest of the block gets the
+            # sub-block's updates as one GEMM when it ends (same result, less memory traffic)
+            j2 = min((i // SUB_BLOCK + 1) * SUB_BLOCK, i2 - i1)
+            W1[i + 1:j2] -= U1[i, i + 1:j2, None] * err
+            if i + 1 == j2 and j2 < i2 - i1:
+                j1 = j2 - SUB_BLOCK
+                W1[j2:] -= U1[j1:j2, j2:].T @ Err1[j1:j2]
+        WT[i2:] -= U[i1:i2, i2:].T @ Err1
 
-    Q = Q[:, inv]
+    Q = QT.T[:, inv] if act_order else QT.T
     qt = quantize(Q, spec, qparams=QParams(scale, zero))  # Q is on the grid: exact codes
     qt.dtype = W.dtype
     Wq = dequantize(qt)

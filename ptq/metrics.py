@@ -13,9 +13,11 @@ __all__ = ["relative_output_error", "relative_output_error_from_hessian", "layer
 
 
 def layer_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
-    """tr((W - Wq) H (W - Wq)^T) in float64: GPTQ's proxy loss, 2/m ||X dW^T||^2."""
+    """tr((W - Wq) H (W - Wq)^T): GPTQ's proxy loss, 2/m ||X dW^T||^2. The (rows x n x n) GEMM
+    runs in float32 (a float64 one would cost as much as GPTQ itself on large layers); the
+    difference and the final sum are float64."""
     dW = W.detach().to(torch.float64) - Wq.detach().to(torch.float64)
-    return float(((dW @ H.to(torch.float64)) * dW).sum())
+    return float(((dW.float() @ H.float()).double() * dW).sum())
 
 
 @torch.no_grad()

@@ -65,7 +65,7 @@ def test_gptq_loss_clearly_below_rtn_on_correlated_hessian(spec, act_order):
     # the reported loss is the output error it stands for: 2/n ||X dW^T||^2
     dW = (W - res.weight).double()
     assert res.loss == pytest.approx(float(2 / X.shape[0] * (X.double() @ dW.T).pow(2).sum()),
-                                     rel=1e-6)
+                                     rel=1e-5)
 
 
 @pytest.mark.parametrize("spec", ["int3-g32", "int4-ch", "e2m1-g16", "int2-sym-t"])
