@@ -1,5 +1,6 @@
 """Layer-wise, error-minimizing post-training quantizers on one shared grid (`ptq.formats`)."""
 
+from . import checkpoint
 from .apply import (LayerReport, QuantizedModel, in_decoder_blocks, is_linear, linear_weight, quantizable_linears,
                     quantize_model, set_linear_weight)
 from .arch import ARCHS, Arch, ArchError, decoder_blocks, register_arch
@@ -12,7 +13,10 @@ from .registry import METHODS, LayerStats, Method, QuantResult, get_method, regi
 from .sequential import LayerRow, SequentialResult, capture_block_inputs, quantize_sequential
 from .rtn import RTNOptions, rtn_quantize
 
+from .checkpoint import load_quantized, save_quantized
+
 __all__ = [
+    "checkpoint", "load_quantized", "save_quantized",
     "LayerRow", "SequentialResult", "capture_block_inputs", "quantize_sequential",
     "GPTQOptions", "GPTQResult", "HessianAccumulator", "gptq_quantize", "inverse_cholesky",
     "layer_loss", "relative_output_error", "relative_output_error_from_hessian", "ARCHS", "Arch", "ArchError", "ClipSearch", "LayerReport", "LayerStats", "METHODS", "Method",

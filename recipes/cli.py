@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -106,6 +107,8 @@ def cmd_finetune(args) -> None:
     budget = DataBudget(args.samples, args.seq_len, args.budget_seed)
     calib = budget.blocks(tokenize(tokenizer, load_text(args.data).train))
     model, codes, result, info = finetune_model(model, calib, str(spec) if spec else None, args)
+    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: every rank holds the same result
+        return
     out = Path(args.out)
     if codes is None:
         model.save_pretrained(out)
