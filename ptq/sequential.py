@@ -110,12 +110,14 @@ def capture_block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int,
     return inputs, kwargs_list
 
 
-def _run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs_list: list[dict]
-               ) -> list[torch.Tensor]:
-    outs = []
-    for h, kw in zip(inputs, kwargs_list):
-        out = block(h, **kw)
-        outs.append(out[0] if isinstance(out, tuple) else out)
+def _run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs_list: list[dict],
+               in_place: bool = False) -> list[torch.Tensor]:
+    """The block's outputs per batch; in_place writes each over its input (which is then no
+    longer needed), so a block's inputs and outputs are not both held."""
+    outs = inputs if in_place else [None] * len(inputs)
+    for i, kw in enumerate(kwargs_list):
+        out = block(inputs[i], **kw)
+        outs[i] = out[0] if isinstance(out, tuple) else out
     return outs
 
 
@@ -211,7 +213,7 @@ def quantize_sequential(model: nn.Module, calib: torch.Tensor, spec: QuantSpec |
                                      time.perf_counter() - t0))
             del acc
         if outputs is None:
-            outputs = _run_block(block, inputs, kwargs_list)
+            outputs = _run_block(block, inputs, kwargs_list, in_place=True)
         inputs = outputs
         if device != home:
             blocks[k].to(home)
