@@ -44,6 +44,7 @@ __all__ = [
     "fake_quantize_with",
     "fake_quantize_broadcast",
     "representable_range",
+    "inside_range",
     "expand_blocks",
     "sum_blocks",
 ]
@@ -414,3 +415,11 @@ def expand_blocks(t: torch.Tensor, shape: torch.Size, spec: QuantSpec) -> torch.
 def sum_blocks(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Sum of x (weight-shaped) over each block: (rows, n_blocks), the adjoint of expand_blocks."""
     return _blocked(x, spec).sum(-1).to(x.dtype)
+
+
+def inside_range(w: torch.Tensor, qparams: QParams, spec: QuantSpec) -> torch.Tensor:
+    """Boolean mask, w's shape: the values within their block's representable range (compared
+    through broadcasting, without materializing per-element bounds)."""
+    lo, hi = representable_range(_as_blocked_params(qparams), spec)
+    wb = _blocked(w, spec)  # a view for float32 weights
+    return ((wb >= lo) & (wb <= hi)).reshape(w.shape)

@@ -24,8 +24,8 @@ from torch import nn
 
 from ptq.apply import FilterFn, in_decoder_blocks
 from ptq.formats import (ClipSearch, QParams, QuantizedTensor, QuantSpec, compute_qparams,
-                         expand_blocks, fake_quantize_with, parse_spec, quantize,
-                         representable_range, sum_blocks)
+                         expand_blocks, fake_quantize_with, inside_range, parse_spec,
+                         quantize, sum_blocks)
 
 __all__ = ["FakeQuantLinear", "prepare", "convert", "fake_quant_layers", "SCALE_MODES",
            "INITS"]
@@ -44,9 +44,7 @@ class _FakeQuantSTE(torch.autograd.Function):
         need_mask = clipped or lsq
         inside = None
         if need_mask:
-            lo, hi = representable_range(p, spec)
-            inside = ((weight >= expand_blocks(lo, weight.shape, spec))
-                      & (weight <= expand_blocks(hi, weight.shape, spec)))
+            inside = inside_range(weight, p, spec)
         ctx.spec, ctx.clipped, ctx.lsq = spec, clipped, lsq
         ctx.save_for_backward(weight, w_hat if lsq else None, scale if lsq else None, inside)
         return w_hat
