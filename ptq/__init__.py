@@ -16,7 +16,7 @@ from .rtn import RTNOptions, rtn_quantize
 from .checkpoint import load_quantized, save_quantized
 
 __all__ = [
-    "checkpoint", "load_quantized", "save_quantized",
+    "checkpoint", "load_quantized", "save_quantized", "QuantizedModel",
     "LayerRow", "SequentialResult", "capture_block_inputs", "quantize_sequential",
     "GPTQOptions", "GPTQResult", "HessianAccumulator", "gptq_quantize", "inverse_cholesky",
     "layer_loss", "relative_output_error", "relative_output_error_from_hessian", "ARCHS", "Arch", "ArchError", "ClipSearch", "LayerReport", "LayerStats", "METHODS", "Method",

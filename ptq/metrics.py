@@ -29,7 +29,9 @@ def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor)
     return float(err.pow(2).sum() / y.pow(2).sum().clamp_min(1e-300))
 
 
-def relative_output_error_from_hessian(W: torch.Tensor, W_hat: torch.Tensor,
-                                       H: torch.Tensor) -> float:
-    ref = layer_loss(W, torch.zeros_like(W), H)
-    return layer_loss(W, W_hat, H) / ref if ref > 0 else 0.0
+def relative_output_error_from_hessian(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor,
+                                       loss: float | None = None) -> float:
+    """The same ratio from H; `loss` = layer_loss(W, W_hat, H) when the caller already has it."""
+    loss = layer_loss(W, W_hat, H) if loss is None else loss
+    energy = float(((W.detach().float() @ H.float()).double() * W.detach().double()).sum())
+    return loss / energy if energy > 0 else 0.0

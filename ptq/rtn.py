@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .formats import ClipSearch, QuantSpec, dequantize, quantize
+from .metrics import layer_loss
 from .registry import LayerStats, QuantResult, register_method
 
 __all__ = ["RTNOptions", "rtn_quantize"]
@@ -35,8 +36,5 @@ def rtn_quantize(W: torch.Tensor, stats: LayerStats | None, spec: QuantSpec,
     """RTN of W (out, in); with a Hessian in `stats`, also reports tr(dW H dW^T) as its loss."""
     qt = quantize(W, spec, clip=options.clip())
     Wq = dequantize(qt)
-    loss = None
-    if stats is not None and stats.H is not None:
-        dW = (W - Wq).to(stats.H.dtype)
-        loss = float(torch.einsum("ij,jk,ik->", dW, stats.H, dW))
+    loss = layer_loss(W, Wq, stats.H) if stats is not None and stats.H is not None else None
     return QuantResult(Wq, qt, loss)

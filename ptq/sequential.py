@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .apply import FilterFn, linear_weight, quantizable_linears, set_linear_weight
 from .arch import decoder_blocks, get_arch
 from .formats import QuantizedTensor, QuantSpec, parse_spec
-from .metrics import layer_loss
+from .metrics import layer_loss, relative_output_error_from_hessian
 from .hessian import HessianAccumulator
 from .registry import LayerStats, get_method
 
@@ -203,8 +203,7 @@ def quantize_sequential(model: nn.Module, calib: torch.Tensor, spec: QuantSpec |
                 H = acc[n].H
                 res = m.fn(W, LayerStats(H=H, n_tokens=acc[n].n_tokens), spec, options)
                 loss = res.loss if res.loss is not None else layer_loss(W, res.weight, H)
-                ref = layer_loss(W, torch.zeros_like(W), H)
-                rel = loss / ref if ref > 0 else 0.0
+                rel = relative_output_error_from_hessian(W, res.weight, H, loss)
                 set_linear_weight(layers[n], res.weight)
                 if res.quantized is not None:
                     quantized[n] = res.quantized

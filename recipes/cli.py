@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 
 from compare.data import DataBudget, DataError, load_text, tokenize
-from compare.evaluate import evaluate_nll
+from compare.evaluate import eval_windows, evaluate_nll
 from compare.io import write_csv, write_json
 from compare.models import EMBEDDED_MODELS, ModelError, load_model, prepare_embedded
 from ptq.checkpoint import save_quantized
 from ptq.formats import SpecError, parse_spec
 from recipes import ptq_table, same_budget
 from recipes.finetune import add_finetune_args, finetune_model
-from recipes.common import heldout_windows, resolve_device, versions
+from recipes.common import resolve_device, versions
 from recipes.quantization import add_budget_args, add_method_args, layer_table, method_options, run_ptq
 
 RECIPES = {"ptq-table": ptq_table, "same-budget": same_budget}
@@ -85,11 +85,12 @@ def cmd_eval(args) -> None:
         method_options(args)
     model, tokenizer = load_model(args.model, device=resolve_device(args.device),
                                   trust_remote_code=args.trust_remote_code)
+    text = load_text(args.data)  # once: calibration (train split) and evaluation (held-out)
     if args.spec:
-        report = run_ptq(model, tokenizer, args)
+        report = run_ptq(model, tokenizer, args, text=text)
         print(f"{args.method} {spec}: {len(report['layers'])} layers in "
               f"{report['seconds']:.1f} s")
-    windows = heldout_windows(tokenizer, args.data, args.seq_len, args.max_tokens)
+    windows = eval_windows(tokenize(tokenizer, text.heldout), args.seq_len, args.max_tokens)
     result = evaluate_nll(model, windows, batch_size=args.batch_size)
     row = {"model": args.model, "data": args.data, "method": args.method if args.spec else "fp",
            "spec": str(spec) if spec else None, **result.to_dict()}

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from compare.data import load_text, tokenize
+from compare.io import read_json
 from compare.evaluate import eval_windows
 from ptq.apply import linear_weight, quantizable_linears, set_linear_weight
 
-__all__ = ["resolve_device", "versions", "heldout_windows", "WeightSnapshot"]
+__all__ = ["resolve_device", "versions", "heldout_windows", "finished_rows", "WeightSnapshot"]
 
 
 def resolve_device(name: str) -> str:
@@ -37,6 +38,18 @@ def versions() -> dict:
 def heldout_windows(tokenizer, data: str, seq_len: int, max_tokens: int | None) -> torch.Tensor:
     splits = load_text(data)
     return eval_windows(tokenize(tokenizer, splits.heldout), seq_len, max_tokens)
+
+
+def finished_rows(results_path, config: dict, fresh: bool) -> list[dict]:
+    """Rows a previous run of the same config left in results_path (resume), else []. A file
+    from another config is an error rather than something silently mixed in or overwritten."""
+    previous = None if fresh else read_json(results_path)
+    if previous is None:
+        return []
+    if previous["config"] != config:
+        raise SystemExit(f"{results_path} holds results of another config "
+                         f"({previous['config']}); use another --out, or --fresh to discard them")
+    return previous["rows"]
 
 
 class WeightSnapshot:

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 import qaft
-from compare.data import DataBudget, load_text, tokenize
 from ptq.formats import parse_spec
 from ptq.gptq import GPTQOptions
 from ptq.sequential import quantize_sequential

@@ -16,11 +16,9 @@ import dataclasses
 import time
 from pathlib import Path
 
-import torch
-
 from compare.data import DataBudget, load_text, tokenize
 from compare.evaluate import eval_windows, evaluate_nll
-from compare.io import atomic_write_text, read_json, write_json
+from compare.io import atomic_write_text, write_json
 from compare.memory import PeakRSS
 from compare.plots import new_figure, save_figure
 from compare.models import load_model
@@ -28,7 +26,7 @@ from ptq.apply import quantize_model
 from ptq.formats import parse_spec
 from ptq.registry import get_method
 from ptq.sequential import quantize_sequential
-from recipes.common import WeightSnapshot, resolve_device, versions
+from recipes.common import WeightSnapshot, finished_rows, resolve_device, versions
 from recipes.quantization import add_budget_args, add_method_args, options_for
 
 
@@ -102,14 +100,7 @@ def run(args) -> dict:
               "options": {m: dataclasses.asdict(o) for m, o in options.items()}}
     out: Path = args.out
     results_path = out / "results.json"
-    previous = None if args.fresh else read_json(results_path)
-    rows = []
-    if previous is not None:
-        if previous["config"] != config:
-            raise SystemExit(f"{results_path} holds results of another config "
-                             f"({previous['config']}); use another --out, or --fresh to "
-                             "discard them")
-        rows = previous["rows"]
+    rows = finished_rows(results_path, config, args.fresh)
     done = {(r["method"], r["spec"]) for r in rows}
 
     device = resolve_device(args.device)

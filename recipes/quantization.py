@@ -97,8 +97,9 @@ def method_options(args):
     return options_for(args.method, args)
 
 
-def run_ptq(model, tokenizer, args, progress: bool = True) -> dict:
-    """Quantize `model` in place as the flags say; return the report (rows, budget, seconds)."""
+def run_ptq(model, tokenizer, args, progress: bool = True, text=None) -> dict:
+    """Quantize `model` in place as the flags say; return the report (rows, budget, seconds).
+    `text`: the already loaded TextSplits of args.data, if the caller has them."""
     spec = parse_spec(args.spec)
     method = get_method(args.method)
     options = method_options(args)
@@ -111,7 +112,8 @@ def run_ptq(model, tokenizer, args, progress: bool = True) -> dict:
                 "budget": None, "seconds": time.perf_counter() - t0, "layers": rows,
                 "_quantized": res.quantized}
     budget = DataBudget(args.samples, args.seq_len, args.seed)
-    calib = budget.blocks(tokenize(tokenizer, load_text(args.data).train))
+    text = text if text is not None else load_text(args.data)
+    calib = budget.blocks(tokenize(tokenizer, text.train))
     res = quantize_sequential(model, calib, spec, args.method, options,
                               true_sequential=args.true_sequential, propagate=args.propagate,
                               batch_size=args.calib_batch_size, progress=progress)

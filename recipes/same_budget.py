@@ -20,7 +20,7 @@ from pathlib import Path
 
 from compare.data import DataBudget, load_text, tokenize
 from compare.evaluate import eval_windows, evaluate_nll
-from compare.io import atomic_write_text, read_json, write_json
+from compare.io import atomic_write_text, write_json
 from compare.memory import PeakRSS
 from compare.plots import new_figure, save_figure
 from compare.models import load_model
@@ -28,7 +28,7 @@ from ptq.apply import quantize_model
 from ptq.formats import parse_spec
 from ptq.gptq import GPTQOptions
 from ptq.sequential import quantize_sequential
-from recipes.common import resolve_device, versions
+from recipes.common import finished_rows, resolve_device, versions
 from recipes.finetune import finetune_model
 
 METHODS = ("rtn", "gptq", "qaft")
@@ -99,11 +99,7 @@ def run(args) -> dict:
               "eval_seq_len": args.eval_seq_len, "max_tokens": args.max_tokens,
               "granularity": args.granularity, "gptq": dataclasses.asdict(GPTQOptions())}
     results_path = args.out / "results.json"
-    previous = None if args.fresh else read_json(results_path)
-    if previous is not None and previous["config"] != config:
-        raise SystemExit(f"{results_path} holds results of another config; use another --out "
-                         "or --fresh")
-    rows = previous["rows"] if previous else []
+    rows = finished_rows(results_path, config, args.fresh)
     done = {(r["method"], r["spec"]) for r in rows}
     result = {"config": config, "versions": versions(), "rows": rows}
     device = resolve_device(args.device)
