@@ -8,7 +8,9 @@ Protocol (the same for every method and model):
     from the tokens before them in the window, so n_windows * (seq_len - 1) tokens are scored;
   - NLL is the mean over all scored tokens in nats (log-softmax in float32), perplexity exp(NLL).
 This is the usual GPTQ/WikiText protocol, and equals transformers' own `labels=` loss averaged
-over windows.
+over windows. With `reference` (the FP model's log-probabilities from `reference_logprobs`, same
+windows), the same pass also gives KL(FP || model) of the next-token distributions, in nats,
+averaged over the same scored tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from tqdm.auto import tqdm
 
 from .data import DataError
 
-__all__ = ["EvalResult", "eval_windows", "token_nll", "evaluate_nll"]
+__all__ = ["EvalResult", "eval_windows", "next_token_logprobs", "token_nll", "evaluate_nll", "reference_logprobs",
+           "kl_divergence"]
 
 
 @dataclass
@@ -36,6 +39,7 @@ class EvalResult:
     seq_len: int
     seconds: float
     tokens_per_second: float  # input tokens (n_windows * seq_len) per second of forward passes
+    kl: float | None = None  # mean KL(reference || model) per scored token, nats
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,27 +59,65 @@ def eval_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = No
     return tokens[: n * seq_len].view(n, seq_len)
 
 
+def next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """(batch, seq_len - 1, vocab) float32 log-probabilities of each next token."""
+    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def _picked_nll(logp: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    return -logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-token NLL (batch, seq_len - 1) of next-token prediction, computed in float32."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return _picked_nll(next_token_logprobs(logits), input_ids)
+
+
+def kl_divergence(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(p_ref || p) per position, from log-probabilities (..., vocab); float32 in, float64 out."""
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1, dtype=torch.float64)
+
+
+@torch.no_grad()
+def reference_logprobs(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 2,
+                       progress: bool = True) -> torch.Tensor:
+    """(n_windows, seq_len - 1, vocab) float32 next-token log-probabilities of `model`, on the CPU:
+    the reference of `evaluate_nll(..., reference=)`. 4 bytes x tokens x vocab of memory
+    (0.8 GB for 4,096 tokens of SmolLM2's 49,152-token vocabulary)."""
+    device = next(model.parameters()).device
+    out = []
+    for batch in tqdm(windows.split(batch_size), desc="FP reference", disable=not progress,
+                      leave=False):
+        logits = model(input_ids=batch.to(device), use_cache=False).logits
+        out.append(next_token_logprobs(logits).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()
 def evaluate_nll(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 2,
-                 progress: bool = True, desc: str = "eval") -> EvalResult:
-    """Mean token NLL and perplexity of `model` over `windows` (see module docstring)."""
+                 progress: bool = True, desc: str = "eval",
+                 reference: torch.Tensor | None = None) -> EvalResult:
+    """Mean token NLL and perplexity of `model` over `windows` (see module docstring), and the KL
+    from `reference` log-probabilities of the same windows when given."""
+    if reference is not None and reference.shape[:2] != (windows.shape[0], windows.shape[1] - 1):
+        raise ValueError(f"reference log-probs {tuple(reference.shape)} do not match windows "
+                         f"{tuple(windows.shape)}; compute them with reference_logprobs(windows)")
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, kl = 0.0, 0, 0.0
     t0 = time.perf_counter()
-    batches = windows.split(batch_size)
-    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        batch = batch.to(device)
+    for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress,
+                  leave=False):
+        batch = windows[i:i + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
-        nll = token_nll(logits, batch)
+        logp = next_token_logprobs(logits)
+        nll = _picked_nll(logp, batch)
         total += float(nll.double().sum())
         count += nll.numel()
+        if reference is not None:
+            ref = reference[i:i + batch_size].to(device)
+            kl += float(kl_divergence(ref, logp).sum())
     seconds = time.perf_counter() - t0
     mean = total / count
     return EvalResult(mean, math.exp(mean), count, windows.shape[0], windows.shape[1], seconds,
-                      windows.numel() / max(seconds, 1e-9))
+                      windows.numel() / max(seconds, 1e-9),
+                      kl / count if reference is not None else None)

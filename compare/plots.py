@@ -7,13 +7,15 @@ from pathlib import Path
 __all__ = ["new_figure", "save_figure"]
 
 
-def new_figure(width: float = 5.5, height: float = 3.8):
+def new_figure(width: float = 5.5, height: float = 3.8, ncols: int = 1):
+    """(figure, axes): one Axes, or a list of `ncols` side by side when ncols > 1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(width, height))
+    fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+    return fig, (axes[0, 0] if ncols == 1 else list(axes[0]))
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -150,10 +151,15 @@ def quantize_sequential(model: nn.Module, calib: torch.Tensor, spec: QuantSpec |
                         method: str = "gptq", options=None, *, filter_fn: FilterFn | None = None,
                         true_sequential: bool = False, propagate: str = "quantized",
                         batch_size: int = 8, device: str | torch.device | None = None,
-                        progress: bool = True) -> SequentialResult:
+                        progress: bool = True,
+                        on_block: Callable[[int, list[LayerRow]], None] | None = None
+                        ) -> SequentialResult:
     """Quantize the selected linear layers of `model` in place, block by block (module doc).
 
     calib: (n_samples, seq_len) token ids, e.g. from `DataBudget.blocks`.
+    on_block(k, rows): called after block k is quantized and back on the model's device, when
+    blocks 0..k hold their quantized weights and the later ones are still FP (for trajectories of
+    the global loss along the calibration); rows are all layer rows so far.
     """
     t_start = time.perf_counter()
     spec = parse_spec(spec)
@@ -216,6 +222,8 @@ def quantize_sequential(model: nn.Module, calib: torch.Tensor, spec: QuantSpec |
         inputs = outputs
         if device != home:
             blocks[k].to(home)
+        if on_block is not None:
+            on_block(k, rows)
         worst = max((r.rel_output_error for r in rows if r.block == k), default=0.0)
         bar.set_postfix(block=k, max_rel_err=f"{worst:.3g}")
     return SequentialResult(rows, quantized, time.perf_counter() - t_start)

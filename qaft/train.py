@@ -12,7 +12,8 @@ batch_size * world_size.
 Every step records the training loss (the global loss on the batch), the learning rate, tokens
 processed, unique tokens seen and wall time; every `local_every` steps, the relative local loss
 ||X W^T - X W_hat^T||^2 / ||X W^T||^2 of each fake-quantized layer on held-out calibration inputs
-X against its original FP weight W; every `eval_every` steps, `eval_fn(model)` (e.g. held-out NLL).
+X against its original FP weight W; every `eval_every` steps, `eval_fn(model)` (e.g. held-out NLL),
+stored as `eval_nll` when it returns a number, merged into the row when it returns a dict.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class TrainResult:
 
 def finetune(model: nn.Module, blocks: torch.Tensor, config: TrainConfig = TrainConfig(), *,
              local_inputs: dict[str, torch.Tensor] | None = None,
-             eval_fn: Callable[[nn.Module], float] | None = None,
+             eval_fn: Callable[[nn.Module], float | dict] | None = None,
              progress: bool = True) -> TrainResult:
     """Train `model` (fake-quantized or not) on `blocks` (n, seq_len) as `config` says.
 
@@ -180,7 +181,8 @@ def finetune(model: nn.Module, blocks: torch.Tensor, config: TrainConfig = Train
             if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
                 unwrapped = accelerator.unwrap_model(model)
                 unwrapped.eval()
-                row["eval_nll"] = float(eval_fn(unwrapped))
+                measured = eval_fn(unwrapped)
+                row.update(measured if isinstance(measured, dict) else {"eval_nll": float(measured)})
                 unwrapped.train()
             history.append(row)
             bar.update(1)

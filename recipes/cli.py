@@ -24,12 +24,12 @@ from compare.io import write_csv, write_json
 from compare.models import EMBEDDED_MODELS, ModelError, load_model, prepare_embedded
 from ptq.checkpoint import save_quantized
 from ptq.formats import SpecError, parse_spec
-from recipes import ptq_table, same_budget
+from recipes import misalignment, ptq_table, same_budget
 from recipes.finetune import add_finetune_args, finetune_model
 from recipes.common import resolve_device, versions
 from recipes.quantization import add_budget_args, add_method_args, layer_table, method_options, run_ptq
 
-RECIPES = {"ptq-table": ptq_table, "same-budget": same_budget}
+RECIPES = {"misalignment": misalignment, "ptq-table": ptq_table, "same-budget": same_budget}
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

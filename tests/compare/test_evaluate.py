@@ -47,3 +47,20 @@ def test_smollm2_heldout_perplexity_and_agreement(smollm2):
         ref = torch.stack([model(input_ids=w[None], labels=w[None]).loss for w in windows]).mean()
     assert res.nll == pytest.approx(float(ref), rel=1e-4)
     assert 10 < res.perplexity < 60  # the full 16k-token protocol gives about 27
+
+
+def test_kl_against_reference_logprobs():
+    from compare.evaluate import reference_logprobs
+
+    fp = tiny_model("llama", seed=2)
+    other = tiny_model("llama", seed=3)
+    windows = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(0))
+    ref = reference_logprobs(fp, windows, batch_size=2, progress=False)
+    assert evaluate_nll(fp, windows, reference=ref, progress=False).kl == pytest.approx(0, abs=1e-6)
+    res = evaluate_nll(other, windows, batch_size=2, reference=ref, progress=False)
+    with torch.no_grad():
+        logq = torch.log_softmax(other(input_ids=windows).logits[:, :-1].float(), -1)
+    expected = torch.nn.functional.kl_div(logq, ref, log_target=True, reduction="sum") / (3 * 31)
+    assert res.kl == pytest.approx(float(expected), rel=1e-4) and res.kl > 0
+    with pytest.raises(ValueError, match="do not match"):
+        evaluate_nll(other, windows[:2], reference=ref, progress=False)

@@ -1,0 +1,172 @@
+"""The misalignment recipe's configuration: one dataclass, presets, YAML files and flags, 1:1.
+
+Precedence: the preset's values, then the YAML file's, then the flags given. A YAML file is a
+mapping whose keys are the dataclass's field names (plus an optional `preset`); an unknown key is
+an error naming the known ones. Files are read with yaml.safe_load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ptq.formats import parse_spec
+from ptq.gptq import GPTQOptions
+from ptq.registry import METHODS
+
+__all__ = ["MisalignmentConfig", "PRESETS", "ConfigError", "parse_variant", "load_config",
+           "add_config_flags"]
+
+
+class ConfigError(ValueError):
+    """A recipe configuration that cannot run, with what to change."""
+
+
+def _f(default, help_text):
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata={"help": help_text})
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass(frozen=True)
+class MisalignmentConfig:
+    model: str = _f("smollm2-135m", "embedded name, local model folder or hub id")
+    data: str = _f("wiki", "text: wiki (embedded), a local file/folder, or hf:NAME[:CONFIG]")
+    bits: tuple = _f((2, 3, 4), "integer bit widths")
+    granularity: str = _f("g64", "ch, t or gN (groups of N inputs)")
+    methods: tuple = _f(("rtn", "gptq", "qaft"),
+                        "rtn, gptq, qaft and any registered PTQ method, per bit width")
+    gptq_variants: tuple = _f(("act_order=false",),
+                              "extra GPTQ solutions, each KEY=VALUE over GPTQOptions fields or "
+                              "granularity=gN, e.g. damp=0.1 act_order=false granularity=g128")
+    samples: int = _f(16, "data budget: token blocks (GPTQ calibration = QAFT training data)")
+    seq_len: int = _f(256, "data budget: tokens per block")
+    seed: int = _f(0, "seed of the budget, the data order and the random directions")
+    epochs: int = _f(2, "QAFT and FP-control epochs over the budget")
+    lr: float = _f(1e-5, "QAFT and FP-control AdamW learning rate (constant)")
+    eval_seq_len: int = _f(512, "held-out evaluation window")
+    eval_tokens: int = _f(4096, "held-out tokens for NLL, perplexity and KL")
+    probe_tokens: int = _f(1024, "the first held-out tokens used for local losses, gradients, "
+                                 "sensitivity, trajectories and the landscape")
+    checkpoint_every: int = _f(8, "QAFT / FP-control optimizer steps between probes")
+    trajectory_every: int = _f(5, "GPTQ decoder blocks between probes")
+    sensitivity_stride: int = _f(5, "one-layer sensitivity on the layers of every k-th block")
+    landscape_t: tuple = _f((0.5, 1.0, 1.5), "t of the landscape points W + t (W_hat - W)")
+    radius_ppl_ratio: float = _f(1.1, "the radius is where perplexity reaches FP x this ratio")
+    batch_size: int = _f(2, "evaluation batch (windows)")
+
+    def __post_init__(self):
+        for name in ("bits", "methods", "gptq_variants", "landscape_t"):
+            value = getattr(self, name)
+            value = (value,) if isinstance(value, (str, int, float)) else tuple(value)
+            object.__setattr__(self, name, value)
+        if not self.bits or any(not 2 <= b <= 8 for b in self.bits):
+            raise ConfigError(f"bits={list(self.bits)}: give integer widths from 2 to 8")
+        for b in self.bits:
+            parse_spec(f"int{b}-{self.granularity}")
+        known = set(METHODS) | {"qaft"}
+        unknown = [m for m in self.methods if m not in known]
+        if unknown or not self.methods:
+            raise ConfigError(f"methods={list(self.methods)}: unknown {unknown}; known: "
+                              f"{sorted(known)} (register your own with ptq.register_method)")
+        for v in self.gptq_variants:
+            parse_variant(v, self.granularity)
+        for name in ("samples", "seq_len", "epochs", "checkpoint_every", "trajectory_every",
+                     "sensitivity_stride", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.probe_tokens < self.eval_seq_len or self.eval_tokens < self.probe_tokens:
+            raise ConfigError(f"need eval_seq_len ({self.eval_seq_len}) <= probe_tokens "
+                              f"({self.probe_tokens}) <= eval_tokens ({self.eval_tokens})")
+        if not self.landscape_t or any(t <= 0 for t in self.landscape_t):
+            raise ConfigError(f"landscape_t={list(self.landscape_t)}: give positive values")
+        if self.radius_ppl_ratio <= 1 or self.lr <= 0:
+            raise ConfigError("need radius_ppl_ratio > 1 and lr > 0")
+
+    def spec(self, bits: int, granularity: str | None = None) -> str:
+        return str(parse_spec(f"int{bits}-{granularity or self.granularity}"))
+
+
+PRESETS = {
+    # README main job: SmolLM2-135M on 2 CPU cores in about 20 minutes
+    "quick": {},
+    # the papers' budget (128 x 2048 tokens), for a GPU
+    "paper": {"samples": 128, "seq_len": 2048, "epochs": 1, "eval_seq_len": 2048,
+              "eval_tokens": 65536, "probe_tokens": 8192, "checkpoint_every": 16,
+              "trajectory_every": 1, "sensitivity_stride": 1,
+              "gptq_variants": ("act_order=false", "damp=0.1", "clip_search=false",
+                                "granularity=g128"),
+              "landscape_t": (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)},
+}
+
+
+def _parse_value(text: str, kind):
+    if kind in ("bool", bool):
+        if text.lower() not in ("true", "false"):
+            raise ConfigError(f"{text!r} is not true/false")
+        return text.lower() == "true"
+    return {"int": int, "float": float}.get(kind, str)(text)
+
+
+def parse_variant(text: str, granularity: str) -> tuple[GPTQOptions, str]:
+    """'KEY=VALUE[,KEY=VALUE]' -> (GPTQOptions, granularity)."""
+    fields = {f.name: f.type for f in dataclasses.fields(GPTQOptions)}
+    overrides = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or (key not in fields and key != "granularity"):
+            raise ConfigError(f"GPTQ variant {text!r}: write KEY=VALUE with KEY one of "
+                              f"{sorted(fields) + ['granularity']}")
+        if key == "granularity":
+            granularity = value.strip()
+            continue
+        try:
+            overrides[key] = _parse_value(value.strip(), fields[key])
+        except ValueError as e:
+            raise ConfigError(f"GPTQ variant {text!r}: {e}") from None
+    return GPTQOptions(**overrides), granularity
+
+
+def load_config(preset: str = "quick", yaml_path: Path | None = None,
+                overrides: dict | None = None) -> MisalignmentConfig:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(MisalignmentConfig)}
+    values = {}
+    if yaml_path is not None:
+        import yaml
+
+        loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{yaml_path}: a recipe file is a mapping of config keys")
+        unknown = sorted(set(loaded) - known - {"preset"})
+        if unknown:
+            raise ConfigError(f"{yaml_path}: unknown key(s) {unknown}; known: {sorted(known)}")
+        preset = loaded.pop("preset", preset)
+        if preset not in PRESETS:
+            raise ConfigError(f"{yaml_path}: unknown preset {preset!r}; known: {sorted(PRESETS)}")
+        values = loaded
+    merged = {**PRESETS[preset], **values, **(overrides or {})}
+    try:
+        return MisalignmentConfig(**merged)
+    except TypeError as e:  # wrong value types from YAML
+        raise ConfigError(f"bad recipe config: {e}") from None
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field (lists take several values), set only when given."""
+    for f in dataclasses.fields(MisalignmentConfig):
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata['help']} (quick preset: {_show(f.default)})"
+        if isinstance(f.default, tuple):
+            item = type(f.default[0]) if f.default else str
+            p.add_argument(flag, nargs="*", type=item, default=argparse.SUPPRESS, help=text)
+        else:
+            p.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, help=text)
+
+
+def _show(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)

@@ -1,0 +1,152 @@
+import json
+import math
+
+import pytest
+
+from compare.models import tiny_model
+from ptq.registry import METHODS, Method
+from recipes import misalignment
+from recipes.misalignment_config import ConfigError, load_config
+from tests.conftest import make_tokenizer
+
+TINY = ["--bits", "2", "4", "--samples", "8", "--seq-len", "32", "--eval-seq-len", "32",
+        "--eval-tokens", "256", "--probe-tokens", "128", "--checkpoint-every", "1",
+        "--trajectory-every", "1", "--sensitivity-stride", "1", "--granularity", "g16"]
+
+
+@pytest.fixture
+def tiny3(tmp_path, text_file):
+    """A saved 3-block tiny Llama, so that the GPTQ trajectory has 3 points."""
+    tokenizer = make_tokenizer(text_file.read_text().split("\n\n"))
+    path = tmp_path / "tiny3"
+    tiny_model("llama", vocab_size=len(tokenizer), seed=0, num_hidden_layers=3).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _argv(model, text, out, *extra):
+    return ["--model", str(model), "--data", str(text), *TINY, "--out", str(out), *extra]
+
+
+def _correlations(alignment):
+    for b, s in alignment.items():
+        for key in ("per_layer", "across_solutions", "qaft_trajectory", "gptq_trajectory"):
+            yield b, key, s[key]
+
+
+def test_recipe_end_to_end_schema_correlations_and_resume(tmp_path, tiny3, text_file, monkeypatch):
+    # a user's method (here RTN under another name), registered the way built-ins are
+    monkeypatch.setitem(METHODS, "myrtn", Method("myrtn", METHODS["rtn"].fn,
+                                                 METHODS["rtn"].options))
+    out = tmp_path / "mis"
+    argv = _argv(tiny3, text_file, out, "--methods", "rtn", "gptq", "qaft", "myrtn")
+    misalignment.main(argv)
+    state = json.loads((out / "results.json").read_text())
+    assert state["schema"] == "qalign.misalignment/1"
+    for key in ("config", "versions", "budget", "heldout", "fp_probe_nll", "runs", "sensitivity",
+                "radius", "alignment", "timings"):
+        assert key in state
+    ids = set(state["runs"])
+    assert {"fp", "fp-ft", "rtn/int2-g16", "gptq/int2-g16", "qaft/int4-g16", "myrtn/int4-g16",
+            "gptq[act_order=false]/int2-g16"} <= ids
+    for b, key, c in _correlations(state["alignment"]):
+        for name in ("spearman", "kendall"):
+            assert isinstance(c[name], float) and math.isfinite(c[name]), (b, key, name)
+            assert -1 <= c[name] <= 1
+    runs = state["runs"]
+    # one budget: GPTQ calibrates on what QAFT and the FP control train on
+    unique = state["budget"]["unique_tokens"]
+    assert unique == 8 * 32
+    assert runs["gptq/int2-g16"]["budget"]["unique_tokens"] == unique
+    assert runs["qaft/int2-g16"]["budget"]["unique_tokens"] == unique
+    assert runs["qaft/int2-g16"]["budget"]["tokens_processed"] == \
+        runs["fp-ft"]["budget"]["tokens_processed"] == 2 * unique
+    # QAFT starts at RTN; the user's method equals RTN; GPTQ lowers the local loss
+    start = runs["qaft/int2-g16"]["trajectory"][0]
+    assert start["nll"] == pytest.approx(runs["rtn/int2-g16"]["metrics"]["probe_nll"])
+    assert runs["myrtn/int2-g16"]["metrics"]["nll"] == runs["rtn/int2-g16"]["metrics"]["nll"]
+    for b in (2, 4):
+        assert runs[f"gptq/int{b}-g16"]["metrics"]["local_fp_mean"] < \
+            runs[f"rtn/int{b}-g16"]["metrics"]["local_fp_mean"]
+    assert runs["fp"]["metrics"]["kl"] == pytest.approx(0, abs=1e-6)
+    assert all(r["metrics"]["kl"] > 0 for k, r in runs.items() if k != "fp")
+    assert len(runs["gptq/int2-g16"]["trajectory"]) == 3
+    assert runs["rtn/int2-g16"]["landscape"]["t"] == [0.5, 1.0, 1.5]
+    assert runs["rtn/int2-g16"]["landscape"]["nll_solution"][1] == \
+        runs["rtn/int2-g16"]["metrics"]["probe_nll"]
+    for name in ("report.md", "layers.csv", "nll_vs_bits.png", "sensitivity.png",
+                 "solutions.png", "trajectories.png", "gptq_trajectory.png", "landscape.png",
+                 "grad_cosine.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "## Alignment" in (out / "report.md").read_text()
+
+    # resume: nothing is measured again, the numbers stay
+    def fail(*a, **k):
+        raise AssertionError("a finished unit was measured again")
+
+    monkeypatch.setattr(misalignment, "measure", fail)
+    monkeypatch.setattr(misalignment, "sensitivity", fail)
+    misalignment.main(argv)
+    again = json.loads((out / "results.json").read_text())
+    assert again["runs"] == state["runs"] and again["alignment"] == state["alignment"]
+    # another config in the same folder is refused rather than mixed in
+    with pytest.raises(SystemExit, match="another config"):
+        misalignment.main(argv + ["--lr", "2e-5"])
+
+
+def test_interrupted_run_keeps_finished_units(tmp_path, tiny3, text_file, monkeypatch):
+    out = tmp_path / "mis"
+    real = misalignment.measure
+    calls = []
+
+    def flaky(study, plan):
+        if plan.method == "qaft":
+            raise KeyboardInterrupt
+        calls.append(plan.id)
+        return real(study, plan)
+
+    monkeypatch.setattr(misalignment, "measure", flaky)
+    argv = _argv(tiny3, text_file, out, "--bits", "3", "--methods", "rtn", "qaft",
+                 "--gptq-variants")
+    with pytest.raises(KeyboardInterrupt):
+        misalignment.main(argv)
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["runs"]) == ["fp", "fp-ft", "rtn/int3-g16"]
+    monkeypatch.setattr(misalignment, "measure", real)
+    misalignment.main(argv)
+    final = json.loads((out / "results.json").read_text())
+    assert list(final["runs"]) == ["fp", "fp-ft", "rtn/int3-g16", "qaft/int3-g16"]
+    assert final["runs"]["rtn/int3-g16"] == saved["runs"]["rtn/int3-g16"]
+
+
+def test_yaml_maps_onto_the_config_and_flags_win(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("preset: paper\nbits: [3]\nmethods: [rtn, gptq]\nlr: 2.0e-5\n")
+    cfg = load_config("quick", path, {"lr": 3e-5})
+    assert cfg.bits == (3,) and cfg.methods == ("rtn", "gptq") and cfg.lr == 3e-5
+    assert (cfg.samples, cfg.seq_len) == (128, 2048)  # from the paper preset
+    args = misalignment.build_parser().parse_args(["--config", str(path), "--samples", "4"])
+    assert misalignment.config_from_args(args).samples == 4
+
+
+@pytest.mark.parametrize("text, match", [
+    ("bitz: [3]\n", r"unknown key\(s\) \['bitz'\]"),
+    ("- 3\n", "mapping"),
+    ("methods: [rtn, nope]\n", r"unknown \['nope'\]"),
+    ("gptq_variants: [actorder=false]\n", "KEY=VALUE"),
+    ("gptq_variants: [act_order=maybe]\n", "true/false"),
+    ("probe_tokens: 100000\n", "probe_tokens"),
+])
+def test_bad_recipe_files_name_the_problem(tmp_path, text, match):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config("quick", path)
+
+
+def test_plan_names_variants_and_extra_methods():
+    cfg = load_config("quick", None, {"bits": [3], "gptq_variants": ["damp=0.1",
+                                                                      "granularity=g128"]})
+    ids = [p.id for p in misalignment.plan_runs(cfg)]
+    assert ids == ["fp", "fp-ft", "rtn/int3-g64", "gptq/int3-g64", "gptq[damp=0.1]/int3-g64",
+                   "gptq[granularity=g128]/int3-g128", "qaft/int3-g64"]
