@@ -43,7 +43,7 @@ from compare.probes import (heldout_hessians, nll_along, one_layer_sensitivity, 
 from ptq.apply import linear_weight, quantizable_linears, quantize_model
 from ptq.arch import block_prefix, decoder_blocks
 from ptq.formats import parse_spec
-from ptq.metrics import relative_output_error_from_hessian
+from ptq.metrics import layer_loss, relative_output_error_from_hessian
 from ptq.gptq import GPTQOptions
 from ptq.registry import get_method
 from ptq.sequential import quantize_sequential
@@ -261,6 +261,7 @@ def sensitivity(study: Study, bits: int) -> dict:
     rows = [{"name": n, "block": study.block_of[n], "kind": n.rsplit(".", 1)[-1],
              "rel_err_fp": relative_output_error_from_hessian(study.fp_weights[n], solution[n],
                                                               study.hessians[n]),
+             "proxy_loss": layer_loss(study.fp_weights[n], solution[n], study.hessians[n]),
              "delta_nll": delta[n]} for n in chosen]
     return {"spec": spec, "method": "rtn", "layers": rows,
             "seconds": time.perf_counter() - t0}

@@ -52,8 +52,8 @@ class MisalignmentConfig:
                                  "sensitivity, trajectories and the landscape")
     checkpoint_every: int = _f(8, "QAFT / FP-control optimizer steps between probes")
     trajectory_every: int = _f(5, "GPTQ decoder blocks between probes")
-    sensitivity_stride: int = _f(5, "one-layer sensitivity on the layers of every k-th block")
-    landscape_t: tuple = _f((0.5, 1.0, 1.5), "t of the landscape points W + t (W_hat - W)")
+    sensitivity_stride: int = _f(6, "one-layer sensitivity on the layers of every k-th block")
+    landscape_t: tuple = _f((0.25, 0.5, 1.0, 1.5), "t of the landscape points W + t (W_hat - W)")
     radius_ppl_ratio: float = _f(1.1, "the radius is where perplexity reaches FP x this ratio")
     batch_size: int = _f(2, "evaluation batch (windows)")
 
@@ -94,7 +94,7 @@ PRESETS = {
     "quick": {},
     # the papers' budget (128 x 2048 tokens), for a GPU
     "paper": {"samples": 128, "seq_len": 2048, "epochs": 1, "eval_seq_len": 2048,
-              "eval_tokens": 65536, "probe_tokens": 8192, "checkpoint_every": 16,
+              "eval_tokens": 16384, "probe_tokens": 4096, "checkpoint_every": 16,
               "trajectory_every": 1, "sensitivity_stride": 1,
               "gptq_variants": ("act_order=false", "damp=0.1", "clip_search=false",
                                 "granularity=g128"),

@@ -39,11 +39,13 @@ SCHEMA_DOC = """results.json (schema "qalign.misalignment/1"):
     landscape     main PTQ/QAFT solutions: {t, nll_solution, nll_random, radius_solution,
                   radius_random_same_norm} (probe NLL at W + t D; radii relative to ||W||)
   sensitivity     {bits: {spec, method "rtn", seconds, layers [{name, block, kind, rel_err_fp,
-                  delta_nll}]}}: one layer quantized at a time, the rest FP
+                  proxy_loss, delta_nll}]}}: one layer quantized at a time, the rest FP
   radius          {radius, points [[r, nll]], limit_nll, seconds}: random direction, ||D_l||
                   proportional to ||W_l||, NLL reaching FP + log(radius_ppl_ratio)
-  alignment       {bits: {per_layer, across_solutions, qaft_trajectory, gptq_trajectory: each
-                  {spearman, kendall, n}; grad_cosine {method: {mean, median}}; landscape
+  alignment       {bits: {per_layer (rel_err_fp vs delta_nll), per_layer_proxy (proxy_loss vs
+                  delta_nll), across_solutions (local_fp_mean vs probe_nll over runs and QAFT
+                  checkpoints), qaft_trajectory, gptq_trajectory (per probed block: increase
+                  of local_fp_mean vs increase of NLL): each {spearman, kendall, n}; grad_cosine {method: {mean, median}}; landscape
                   {method: {distance, radius_solution, radius_random_same_norm}};
                   perplexity {method: ppl}}}
   timings         setup_s, this_invocation_s
@@ -67,9 +69,11 @@ def summarize(state: dict) -> dict:
     for b in state["config"]["bits"]:
         runs = _runs_at(state, b)
         sens = state["sensitivity"].get(str(b))
-        s = {"per_layer": rank_correlation([r["rel_err_fp"] for r in sens["layers"]],
-                                           [r["delta_nll"] for r in sens["layers"]])
-             if sens else None}
+        layers = sens["layers"] if sens else []
+        s = {"per_layer": rank_correlation([r["rel_err_fp"] for r in layers],
+                                           [r["delta_nll"] for r in layers]),
+             "per_layer_proxy": rank_correlation([r["proxy_loss"] for r in layers],
+                                                 [r["delta_nll"] for r in layers])}
         local = [r["metrics"]["local_fp_mean"] for r in runs]
         glob = [r["metrics"]["probe_nll"] for r in runs]
         for r in runs:
@@ -77,11 +81,15 @@ def summarize(state: dict) -> dict:
                 local += [p["local_fp_mean"] for p in _qaft_points(r)]
                 glob += [p["nll"] for p in _qaft_points(r)]
         s["across_solutions"] = rank_correlation(local, glob)
-        for method, key in (("qaft", "qaft_trajectory"), ("gptq", "gptq_trajectory")):
-            traj = next((r["trajectory"] for r in runs
-                         if r["method"] == method and not r["variant"]), [])
-            s[key] = rank_correlation([p["local_fp_mean"] for p in traj],
-                                      [p["nll"] for p in traj])
+        qaft = next((r["trajectory"] for r in runs if r["method"] == "qaft"), [])
+        s["qaft_trajectory"] = rank_correlation([p["local_fp_mean"] for p in qaft],
+                                                [p["nll"] for p in qaft])
+        # both only grow as GPTQ goes down the blocks; what each block adds is what can disagree
+        gptq = [{"local_fp_mean": 0.0, "nll": state["fp_probe_nll"]}] + next(
+            (r["trajectory"] for r in runs if r["method"] == "gptq" and not r["variant"]), [])
+        s["gptq_trajectory"] = rank_correlation(
+            [b["local_fp_mean"] - a["local_fp_mean"] for a, b in zip(gptq, gptq[1:])],
+            [b["nll"] - a["nll"] for a, b in zip(gptq, gptq[1:])])
         s["grad_cosine"] = {}
         s["landscape"] = {}
         for r in runs:
@@ -161,7 +169,7 @@ def plot_sensitivity(state, path, summary):
             pts = [(x["rel_err_fp"], x["delta_nll"]) for x in sens["layers"] if x["kind"] == kind]
             ax.scatter(*zip(*pts), s=14, label=kind)
         c = summary[str(b)]["per_layer"]
-        ax.set(xscale="log", yscale="symlog", xlabel="local loss of the layer (rel. output error)",
+        ax.set(xscale="log", xlabel="local loss of the layer (rel. output error)",
                ylabel="global NLL increase (nats)",
                title=f"{sens['spec']} one layer: rho {_fmt(c['spearman'])}, "
                      f"tau {_fmt(c['kendall'])}")
@@ -212,7 +220,8 @@ def plot_trajectories(state, path):
                     ls=":", label="FP fine-tuned NLL")
         ax.set(xlabel="tokens processed", ylabel="probe NLL", title=f"int{b}")
         twin.set_ylabel("mean local loss (dashed)")
-        ax.legend(fontsize=7, loc="upper right")
+        twin.ticklabel_format(axis="y", useOffset=False)
+        ax.legend(fontsize=7, loc="best")
     save_figure(fig, path)
 
 
@@ -281,6 +290,37 @@ PLOTS = {"nll_vs_bits.png": "held-out perplexity against bits, per method",
                             "the solution"}
 
 
+def _findings(bits: int, s: dict, runs: list[dict], fp: dict | None, ft: dict | None) -> str:
+    """One paragraph of numbers for one bit width."""
+    by = {r["method"]: r for r in runs if not r["variant"]}
+    ppl = ", ".join(f"{k} {v:,.2f}" for k, v in s["perplexity"].items())
+    out = [f"**int{bits}**: perplexity {ppl}"]
+    if fp and ft:
+        out[-1] += (f" (FP {fp['metrics']['perplexity']:,.2f}; the FP model fine-tuned on the same "
+                    f"tokens with the same schedule {ft['metrics']['perplexity']:,.2f})")
+    if "rtn" in by and "gptq" in by:
+        r, g = by["rtn"]["metrics"], by["gptq"]["metrics"]
+        out.append(f"GPTQ takes the mean local loss from {r['local_fp_mean']:.4g} (RTN) to "
+                   f"{g['local_fp_mean']:.4g} and the probe NLL from {r['probe_nll']:.3f} to "
+                   f"{g['probe_nll']:.3f}")
+    if "qaft" in by and by["qaft"]["trajectory"]:
+        t0, q = by["qaft"]["trajectory"][0], by["qaft"]["metrics"]
+        out.append(f"QAFT moves the probe NLL from {t0['nll']:.3f} to {q['probe_nll']:.3f} while "
+                   f"its mean local loss goes from {t0['local_fp_mean']:.4g} to "
+                   f"{q['local_fp_mean']:.4g}")
+    c = s["per_layer"]
+    if c and c["spearman"] is not None:
+        out.append(f"one layer at a time, the local loss ranks the NLL cost with Spearman "
+                   f"{c['spearman']:.2f} (absolute proxy loss "
+                   f"{_fmt(s['per_layer_proxy']['spearman'])})")
+    if s["across_solutions"]["spearman"] is not None:
+        out.append(f"across solutions {s['across_solutions']['spearman']:.2f}")
+    if s["grad_cosine"]:
+        cos = ", ".join(f"{m} {v['mean']:.3f}" for m, v in s["grad_cosine"].items())
+        out.append(f"mean cosine of the local and global gradients: {cos}")
+    return "; ".join(out) + "."
+
+
 def report(state: dict, summary: dict) -> str:
     cfg = state["config"]
     runs = state["runs"]
@@ -301,12 +341,13 @@ def report(state: dict, summary: dict) -> str:
                      f"{m['local_prop_mean']:.4g} | {m['distance']:.4f} | "
                      f"{r['budget']['tokens_processed']:,} | {r['seconds']['solve']:.0f} |")
     lines += ["", "## Alignment (Spearman rho / Kendall tau)", "",
-              "| bits | per layer (one at a time) | across solutions | QAFT trajectory | "
-              "GPTQ trajectory | grad cosine mean (rtn / gptq / qaft) |",
-              "|---|---|---|---|---|---|"]
+              "| bits | per layer (one at a time) | per layer, absolute proxy | across solutions | "
+              "QAFT trajectory | GPTQ per-block increments | grad cosine mean (rtn / gptq / qaft) |",
+              "|---|---|---|---|---|---|---|"]
     for b, s in summary.items():
         cos = " / ".join(_fmt(s["grad_cosine"].get(m, {}).get("mean"), 3) for m in MAIN)
-        lines.append(f"| {b} | {_corr(s['per_layer'])} | {_corr(s['across_solutions'])} | "
+        lines.append(f"| {b} | {_corr(s['per_layer'])} | {_corr(s['per_layer_proxy'])} | "
+                     f"{_corr(s['across_solutions'])} | "
                      f"{_corr(s['qaft_trajectory'])} | {_corr(s['gptq_trajectory'])} | {cos} |")
     rad = state.get("radius") or {}
     lines += ["", "## Landscape", "",
@@ -322,18 +363,7 @@ def report(state: dict, summary: dict) -> str:
                          f"{_fmt(land['radius_random_same_norm'], 4)} |")
     lines += ["", "## Findings", ""]
     for b, s in summary.items():
-        ppl = s["perplexity"]
-        parts = [f"**int{b}**: perplexity " + ", ".join(f"{k} {v:,.2f}" for k, v in ppl.items())]
-        if fp and ft:
-            parts.append(f"against FP {fp['metrics']['perplexity']:,.2f} and the FP model "
-                         f"fine-tuned on the same tokens {ft['metrics']['perplexity']:,.2f}")
-        if s["per_layer"] and s["per_layer"]["spearman"] is not None:
-            parts.append(f"one layer at a time, the local loss ranks the NLL cost with rho "
-                         f"{s['per_layer']['spearman']:.2f}")
-        if s["across_solutions"]["spearman"] is not None:
-            parts.append(f"across solutions rho {s['across_solutions']['spearman']:.2f}")
-        lines.append("; ".join(parts) + ".")
-        lines.append("")
+        lines += [_findings(int(b), s, _runs_at(state, int(b)), fp, ft), ""]
     lines += ["## Plots", ""]
     for name, caption in PLOTS.items():
         lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]

@@ -30,7 +30,8 @@ def _argv(model, text, out, *extra):
 
 def _correlations(alignment):
     for b, s in alignment.items():
-        for key in ("per_layer", "across_solutions", "qaft_trajectory", "gptq_trajectory"):
+        for key in ("per_layer", "per_layer_proxy", "across_solutions", "qaft_trajectory",
+                    "gptq_trajectory"):
             yield b, key, s[key]
 
 
@@ -71,8 +72,8 @@ def test_recipe_end_to_end_schema_correlations_and_resume(tmp_path, tiny3, text_
     assert runs["fp"]["metrics"]["kl"] == pytest.approx(0, abs=1e-6)
     assert all(r["metrics"]["kl"] > 0 for k, r in runs.items() if k != "fp")
     assert len(runs["gptq/int2-g16"]["trajectory"]) == 3
-    assert runs["rtn/int2-g16"]["landscape"]["t"] == [0.5, 1.0, 1.5]
-    assert runs["rtn/int2-g16"]["landscape"]["nll_solution"][1] == \
+    assert runs["rtn/int2-g16"]["landscape"]["t"] == [0.25, 0.5, 1.0, 1.5]
+    assert runs["rtn/int2-g16"]["landscape"]["nll_solution"][2] == \
         runs["rtn/int2-g16"]["metrics"]["probe_nll"]
     for name in ("report.md", "layers.csv", "nll_vs_bits.png", "sensitivity.png",
                  "solutions.png", "trajectories.png", "gptq_trajectory.png", "landscape.png",
@@ -150,3 +151,13 @@ def test_plan_names_variants_and_extra_methods():
     ids = [p.id for p in misalignment.plan_runs(cfg)]
     assert ids == ["fp", "fp-ft", "rtn/int3-g64", "gptq/int3-g64", "gptq[damp=0.1]/int3-g64",
                    "gptq[granularity=g128]/int3-g128", "qaft/int3-g64"]
+
+
+def test_shipped_example_recipe_loads():
+    from pathlib import Path
+
+    import recipes
+
+    path = Path(recipes.__file__).parent / "examples" / "misalignment-int3.yaml"
+    cfg = load_config("quick", path)
+    assert cfg.bits == (3,) and cfg.sensitivity_stride == 1 and len(cfg.gptq_variants) == 3
