@@ -51,7 +51,7 @@ from recipes.common import resolve_device, versions
 from recipes.finetune import finetune_model
 from recipes.misalignment_config import (PRESETS, ConfigError, MisalignmentConfig,
                                          add_config_flags, load_config, parse_variant)
-from recipes.misalignment_report import SCHEMA, write_outputs
+from recipes.misalignment_report import SCHEMA, SCHEMA_DOC, write_outputs
 
 __all__ = ["Plan", "plan_runs", "run_study", "run", "build_parser", "config_from_args", "main"]
 
@@ -332,6 +332,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="output folder (default: results/misalignment)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--fresh", action="store_true", help="discard finished units in --out")
+    p.add_argument("--schema", action="store_true",
+                   help="print the documented schema of DIR/results.json and exit")
     add_config_flags(p)
     return p
 
@@ -347,6 +349,9 @@ def config_from_args(args) -> MisalignmentConfig:
 
 def run(args: argparse.Namespace) -> dict:
     """Entry point of the CLI: flags (build_parser) -> config -> run_study."""
+    if args.schema:
+        print(SCHEMA_DOC)
+        return {}
     return run_study(config_from_args(args), args.out, device=args.device, fresh=args.fresh)
 
 

@@ -161,3 +161,10 @@ def test_shipped_example_recipe_loads():
     path = Path(recipes.__file__).parent / "examples" / "misalignment-int3.yaml"
     cfg = load_config("quick", path)
     assert cfg.bits == (3,) and cfg.sensitivity_stride == 1 and len(cfg.gptq_variants) == 3
+
+
+def test_schema_flag_prints_the_documented_schema(capsys):
+    misalignment.main(["--schema"])
+    text = capsys.readouterr().out
+    for key in ("runs", "metrics", "trajectory", "landscape", "sensitivity", "alignment"):
+        assert key in text
