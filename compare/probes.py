@@ -111,11 +111,25 @@ def probe(model: nn.Module, windows: torch.Tensor, fp_weights: dict[str, torch.T
     err = dict.fromkeys(names, 0.0)
     energy = dict.fromkeys(names, 0.0)
 
+    moved = {n for n in names if bool(dW[n].any())}
+
     def hook(module, args, out, name):
+        # A float32 layer's own output (less its bias) is X W_hat^T, so one extra GEMM, X W^T,
+        # gives both terms; a lower-precision output would round the difference away, so there
+        # X dW^T is computed. An unmoved layer has no error: its ratio stays 0.
+        if name not in moved:
+            return
         with torch.no_grad():
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            err[name] += float((x @ dW[name].T).pow(2).sum(dtype=torch.float64))
-            energy[name] += float((x @ W[name].T).pow(2).sum(dtype=torch.float64))
+            y = x @ W[name].T
+            if out.dtype == torch.float32:
+                diff = out.detach().reshape(y.shape) - y
+                if module.bias is not None:
+                    diff = diff - module.bias.detach()
+            else:
+                diff = x @ dW[name].T
+            energy[name] += float(y.pow(2).sum(dtype=torch.float64))
+            err[name] += float(diff.pow(2).sum(dtype=torch.float64))
 
     params = {n: modules[n].weight for n in names}
     flags = {p: p.requires_grad for p in model.parameters()}

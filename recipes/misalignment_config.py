@@ -90,7 +90,7 @@ class MisalignmentConfig:
 
 
 PRESETS = {
-    # README main job: SmolLM2-135M on 2 CPU cores in about 20 minutes
+    # README main job: SmolLM2-135M, 40 min on 2 CPU cores (measured, README)
     "quick": {},
     # the papers' budget (128 x 2048 tokens), for a GPU
     "paper": {"samples": 128, "seq_len": 2048, "epochs": 1, "eval_seq_len": 2048,
