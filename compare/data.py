@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+from ptq.errors import QalignError
+
+
 __all__ = ["DataError", "TextSplits", "DataBudget", "EMBEDDED_WIKI", "wiki_articles",
            "clean_wiki", "load_text", "tokenize"]
 
@@ -33,7 +36,7 @@ DEFAULT_HELDOUT_FRACTION = 0.1
 MIN_ARTICLE_CHARS = 200
 
 
-class DataError(ValueError):
+class DataError(QalignError):
     """Text that is missing, empty or too short for what was asked of it."""
 
 

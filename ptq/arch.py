@@ -10,10 +10,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .errors import QalignError
+
+
 __all__ = ["Arch", "ARCHS", "ArchError", "register_arch", "get_arch", "decoder_blocks"]
 
 
-class ArchError(ValueError):
+class ArchError(QalignError):
     """A model whose architecture is not in the table."""
 
 

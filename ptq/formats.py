@@ -30,6 +30,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .errors import QalignError
+
+
 __all__ = [
     "SpecError",
     "QuantSpec",
@@ -65,7 +68,7 @@ _SPEC_HELP = (
 )
 
 
-class SpecError(ValueError):
+class SpecError(QalignError):
     """A quantization spec that is malformed or does not fit the tensor it is applied to."""
 
 

@@ -12,15 +12,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ptq.errors import QalignError
 from ptq.formats import parse_spec
 from ptq.gptq import GPTQOptions
 from ptq.registry import METHODS
+
 
 __all__ = ["MisalignmentConfig", "PRESETS", "ConfigError", "parse_variant", "load_config",
            "add_config_flags"]
 
 
-class ConfigError(ValueError):
+class ConfigError(QalignError):
     """A recipe configuration that cannot run, with what to change."""
 
 
