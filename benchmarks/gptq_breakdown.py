@@ -20,7 +20,7 @@ from benchmarks.gptq_core import rate
 from compare.data import DataBudget, load_text, tokenize
 from compare.memory import current_rss
 from compare.models import load_model
-from ptq.apply import linear_weight, quantizable_linears
+from ptq.layers import linear_weight, quantizable_linears
 from ptq.arch import decoder_blocks
 from ptq.sequential import _run_block, capture_block_inputs
 

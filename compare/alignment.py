@@ -8,17 +8,20 @@ the direction a layer-wise PTQ method descends. The global loss is the mean toke
 text (compare.evaluate). Alignment is measured as
   - rank correlation (Spearman's rho, Kendall's tau-b, scipy.stats) between local and global loss
     across layers (one layer quantized at a time) or across solutions (methods, checkpoints);
-  - the cosine between d e_l / d W_hat and d NLL / d W_hat, layer by layer;
+  - the cosine between d e_l / d W_hat (ptq.metrics.relative_output_error_grad) and
+    d NLL / d W_hat, layer by layer;
   - the radius: how far from W the NLL stays below a threshold, along a path t -> W + t D.
 """
 
 from __future__ import annotations
 
 import math
+from statistics import mean, median
 
 import torch
 
-__all__ = ["rank_correlation", "local_loss_grad", "cosine", "first_crossing", "relative_norm"]
+__all__ = ["rank_correlation", "cosine", "first_crossing", "relative_norm", "runs_at",
+           "qaft_points", "summarize_alignment"]
 
 
 def rank_correlation(local: list[float], glob: list[float]) -> dict:
@@ -37,14 +40,6 @@ def rank_correlation(local: list[float], glob: list[float]) -> dict:
     out["spearman"] = float(stats.spearmanr(x, y).statistic)
     out["kendall"] = float(stats.kendalltau(x, y).statistic)
     return out
-
-
-def local_loss_grad(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """d e / d W_hat = 2 (W_hat - W) H / tr(W H W^T), float32 (out, in) (module docstring)."""
-    dW = W_hat.detach().float() - W.detach().float()
-    Hf = H.float()
-    energy = float(((W.detach().float() @ Hf).double() * W.detach().double()).sum())
-    return 2.0 * (dW @ Hf) / max(energy, 1e-300)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
@@ -72,3 +67,58 @@ def first_crossing(ts: list[float], values: list[float], limit: float) -> float 
         if v1 >= limit:
             return t0 + (t1 - t0) * (limit - v0) / (v1 - v0) if v1 != v0 else t1
     return None
+
+
+# ----------------------------------------------------- the statistics of one alignment study
+
+def runs_at(state: dict, bits: int) -> list[dict]:
+    return [r for r in state["runs"].values() if r["bits"] == bits]
+
+
+def qaft_points(run: dict) -> list[dict]:
+    """QAFT checkpoints other than the start (= RTN) and the end (= the run itself)."""
+    return [p for p in run["trajectory"] if 0 < p["step"] < run["budget"]["steps"]]
+
+
+def summarize_alignment(state: dict) -> dict:
+    """Every alignment statistic of one study (the misalignment recipe's results.json state:
+    runs, sensitivity, fp_probe_nll, config.bits), per bit width. The report draws these."""
+    out = {}
+    for b in state["config"]["bits"]:
+        runs = runs_at(state, b)
+        sens = state["sensitivity"].get(str(b))
+        layers = sens["layers"] if sens else []
+        s = {"per_layer": rank_correlation([r["rel_err_fp"] for r in layers],
+                                           [r["delta_nll"] for r in layers]),
+             "per_layer_proxy": rank_correlation([r["proxy_loss"] for r in layers],
+                                                 [r["delta_nll"] for r in layers])}
+        local = [r["metrics"]["local_fp_mean"] for r in runs]
+        glob = [r["metrics"]["probe_nll"] for r in runs]
+        for r in runs:
+            if r["method"] == "qaft":
+                local += [p["local_fp_mean"] for p in qaft_points(r)]
+                glob += [p["nll"] for p in qaft_points(r)]
+        s["across_solutions"] = rank_correlation(local, glob)
+        qaft = next((r["trajectory"] for r in runs if r["method"] == "qaft"), [])
+        s["qaft_trajectory"] = rank_correlation([p["local_fp_mean"] for p in qaft],
+                                                [p["nll"] for p in qaft])
+        # both only grow as GPTQ goes down the blocks; what each block adds is what can disagree
+        gptq = [{"local_fp_mean": 0.0, "nll": state["fp_probe_nll"]}] + next(
+            (r["trajectory"] for r in runs if r["method"] == "gptq" and not r["variant"]), [])
+        s["gptq_trajectory"] = rank_correlation(
+            [b["local_fp_mean"] - a["local_fp_mean"] for a, b in zip(gptq, gptq[1:])],
+            [b["nll"] - a["nll"] for a, b in zip(gptq, gptq[1:])])
+        s["grad_cosine"] = {}
+        s["landscape"] = {}
+        for r in runs:
+            cos = [x["grad_cosine"] for x in r["layers"] if x.get("grad_cosine") is not None]
+            if cos:
+                s["grad_cosine"][r["method"]] = {"mean": mean(cos), "median": median(cos)}
+            if r["landscape"]:
+                s["landscape"][r["method"]] = {
+                    "distance": r["metrics"]["distance"],
+                    "radius_solution": r["landscape"]["radius_solution"],
+                    "radius_random_same_norm": r["landscape"]["radius_random_same_norm"]}
+        s["perplexity"] = {r["id"].split("/")[0]: r["metrics"]["perplexity"] for r in runs}
+        out[str(b)] = s
+    return out

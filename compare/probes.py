@@ -21,12 +21,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ptq.apply import linear_weight, set_linear_weight
+from ptq.layers import linear_weight, set_linear_weight
 from ptq.hessian import HessianAccumulator
-from ptq.metrics import relative_output_error_from_hessian
+from ptq.metrics import (output_error_sums, relative_output_error_from_hessian,
+                         relative_output_error_grad)
 from qaft.fake_quant import FakeQuantLinear
 
-from .alignment import cosine, local_loss_grad, relative_norm
+from .alignment import cosine, relative_norm
 from .evaluate import evaluate_nll, token_nll
 
 __all__ = ["solution_weights", "swapped_weights", "heldout_hessians", "probe",
@@ -119,17 +120,12 @@ def probe(model: nn.Module, windows: torch.Tensor, fp_weights: dict[str, torch.T
         # X dW^T is computed. An unmoved layer has no error: its ratio stays 0.
         if name not in moved:
             return
-        with torch.no_grad():
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            y = x @ W[name].T
-            if out.dtype == torch.float32:
-                diff = out.detach().reshape(y.shape) - y
-                if module.bias is not None:
-                    diff = diff - module.bias.detach()
-            else:
-                diff = x @ dW[name].T
-            energy[name] += float(y.pow(2).sum(dtype=torch.float64))
-            err[name] += float(diff.pow(2).sum(dtype=torch.float64))
+        y_hat = None
+        if out.dtype == torch.float32:
+            y_hat = out.detach() if module.bias is None else out.detach() - module.bias.detach()
+        e, y = output_error_sums(args[0], W[name], dW=dW[name], Y_hat=y_hat)
+        energy[name] += y
+        err[name] += e
 
     params = {n: modules[n].weight for n in names}
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -164,7 +160,7 @@ def probe(model: nn.Module, windows: torch.Tensor, fp_weights: dict[str, torch.T
         if grad:
             g = params[n].grad
             g = g if g.shape == W[n].shape else g.T  # GPT-2 Conv1D stores (in, out)
-            row["grad_cosine"] = cosine(g, local_loss_grad(W[n], W_hat[n], hessians[n]))
+            row["grad_cosine"] = cosine(g, relative_output_error_grad(W[n], W_hat[n], hessians[n]))
             params[n].grad = None
         layers[n] = row
     return {"nll": total / count,

@@ -1,28 +1,35 @@
-"""Layer-wise, error-minimizing post-training quantizers on one shared grid (`ptq.formats`)."""
+"""Layer-wise, error-minimizing post-training quantizers on one shared grid (`ptq.formats`).
+
+One entry point quantizes a model with any registered method: `quantize_model`.
+"""
 
 from . import checkpoint
-from .apply import (LayerReport, QuantizedModel, in_decoder_blocks, is_linear, linear_weight, quantizable_linears,
-                    quantize_model, set_linear_weight)
+from .apply import LayerRecord, PTQResult, quantize_model
 from .arch import ARCHS, Arch, ArchError, decoder_blocks, register_arch
+from .checkpoint import load_quantized, save_quantized
+from .errors import OptionsError, QalignError
 from .formats import (ClipSearch, QParams, QuantizedTensor, QuantSpec, SpecError, compute_qparams,
                       dequantize, fake_quantize, fake_quantize_with, parse_spec, quantize)
 from .gptq import GPTQOptions, GPTQResult, gptq_quantize, inverse_cholesky
-from .metrics import layer_loss, relative_output_error, relative_output_error_from_hessian
 from .hessian import HessianAccumulator
-from .registry import METHODS, LayerStats, Method, QuantResult, get_method, register_method
-from .sequential import LayerRow, SequentialResult, capture_block_inputs, quantize_sequential
+from .layers import (FilterFn, in_decoder_blocks, is_linear, linear_weight, quantizable_linears,
+                     set_linear_weight)
+from .metrics import (layer_loss, output_energy, relative_output_error,
+                      relative_output_error_from_hessian, relative_output_error_grad,
+                      weight_relative_error)
+from .registry import (METHODS, LayerStats, Method, QuantResult, UnknownMethodError, get_method,
+                       register_method)
 from .rtn import RTNOptions, rtn_quantize
 
-from .checkpoint import load_quantized, save_quantized
-
 __all__ = [
-    "checkpoint", "load_quantized", "save_quantized", "QuantizedModel",
-    "LayerRow", "SequentialResult", "capture_block_inputs", "quantize_sequential",
-    "GPTQOptions", "GPTQResult", "HessianAccumulator", "gptq_quantize", "inverse_cholesky",
-    "layer_loss", "relative_output_error", "relative_output_error_from_hessian", "ARCHS", "Arch", "ArchError", "ClipSearch", "LayerReport", "LayerStats", "METHODS", "Method",
-    "QParams", "QuantResult", "QuantSpec", "QuantizedTensor", "RTNOptions", "SpecError",
-    "compute_qparams", "decoder_blocks", "dequantize", "fake_quantize", "fake_quantize_with",
-    "get_method", "in_decoder_blocks", "is_linear", "linear_weight", "parse_spec",
-    "quantizable_linears", "quantize", "quantize_model", "register_arch", "register_method",
-    "rtn_quantize", "set_linear_weight",
+    "ARCHS", "Arch", "ArchError", "ClipSearch", "FilterFn", "GPTQOptions", "GPTQResult",
+    "HessianAccumulator", "LayerRecord", "LayerStats", "METHODS", "Method", "OptionsError",
+    "PTQResult", "QParams", "QalignError", "QuantResult", "QuantSpec", "QuantizedTensor",
+    "RTNOptions", "SpecError", "UnknownMethodError", "checkpoint", "compute_qparams",
+    "decoder_blocks", "dequantize", "fake_quantize", "fake_quantize_with", "get_method",
+    "gptq_quantize", "in_decoder_blocks", "inverse_cholesky", "is_linear", "layer_loss",
+    "linear_weight", "load_quantized", "output_energy", "parse_spec", "quantizable_linears",
+    "quantize", "quantize_model", "register_arch", "register_method", "relative_output_error",
+    "relative_output_error_from_hessian", "relative_output_error_grad", "rtn_quantize",
+    "save_quantized", "set_linear_weight", "weight_relative_error",
 ]

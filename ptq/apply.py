@@ -1,105 +1,139 @@
-"""Apply a layer-wise method to the linear layers of a model, one tree walker for all.
+"""Quantize a model with any registered method: the one PTQ entry point.
 
-`quantizable_linears` yields the layers a method touches: by default every linear layer inside
-the decoder blocks (embeddings and lm_head stay in full precision); a `filter_fn(module, name)`
-replaces that default. GPT-2's `Conv1D` stores its weight transposed, (in, out); `linear_weight`
-and `set_linear_weight` hide that, so methods always see (out_features, in_features).
+    result = ptq.quantize_model(model, "int3-g64", method="gptq", calib=blocks)
+
+Methods that calibrate (a Hessian H = 2/n X^T X per layer, or the inputs X themselves) run block
+by block on `calib` (`ptq.sequential`); methods that need no data (RTN) visit the layers directly,
+unless `calib` is given, in which case they go through the same driver so that their per-layer
+record also holds the output error on the calibration inputs. Every path returns one
+`PTQResult` with one `LayerRecord` per layer. Every layer's shape is checked against the spec
+before any weight changes.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import block_prefix
+from .errors import QalignError
 from .formats import QuantizedTensor, QuantSpec, parse_spec
+from .layers import FilterFn, linear_weight, select_linears, set_linear_weight
+from .metrics import weight_relative_error
 from .registry import get_method
 
-__all__ = ["FilterFn", "is_linear", "linear_weight", "set_linear_weight", "in_decoder_blocks",
-           "quantizable_linears", "LayerReport", "QuantizedModel", "quantize_model"]
-
-FilterFn = Callable[[nn.Module, str], bool]
-
-
-def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, or transformers' Conv1D (GPT-2), which is a linear layer stored transposed."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as (out_features, in_features); a view, no copy."""
-    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
-
-
-@torch.no_grad()
-def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Write an (out, in) weight back in place (keeps the Parameter, so tied views stay tied)."""
-    target = module.weight if isinstance(module, nn.Linear) else module.weight.t()
-    target.copy_(weight.to(target.dtype))
-
-
-def in_decoder_blocks(model: nn.Module) -> FilterFn:
-    """The default filter: linear layers whose name lies under the model's decoder blocks."""
-    prefix = block_prefix(model) + "."
-    return lambda module, name: name.startswith(prefix)
-
-
-def quantizable_linears(model: nn.Module, filter_fn: FilterFn | None = None
-                        ) -> Iterator[tuple[str, nn.Module]]:
-    keep = filter_fn if filter_fn is not None else in_decoder_blocks(model)
-    for name, module in model.named_modules():
-        if is_linear(module) and keep(module, name):
-            yield name, module
+__all__ = ["LayerRecord", "PTQResult", "quantize_model"]
 
 
 @dataclass
-class LayerReport:
+class LayerRecord:
+    """What happened to one layer. The calibration fields are None for a data-free run."""
+
     name: str
-    shape: tuple[int, int]
-    weight_rel_error: float  # ||W - Wq||_F^2 / ||W||_F^2
-    seconds: float
+    block: int | None  # decoder block index (None outside the blocks, e.g. lm_head)
+    shape: tuple[int, int]  # (out, in)
+    method: str
+    spec: str
+    weight_rel_error: float  # ||W - W_hat||^2 / ||W||^2
+    proxy_loss: float | None = None  # tr(dW H dW^T) on the calibration inputs
+    rel_output_error: float | None = None  # ||X dW^T||^2 / ||X W^T||^2 on the same inputs
+    damp: float | None = None  # damping the method used, if it has one
+    n_tokens: int = 0  # calibration tokens the layer saw
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
-class QuantizedModel:
-    layers: list[LayerReport]
-    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
+class PTQResult:
+    method: str
+    spec: str
+    options: dict
+    layers: list[LayerRecord]
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)  # for save_quantized
+    calibration_tokens: int = 0  # unique tokens of the budget (0 for a data-free run)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (without the codes)."""
+        return {"method": self.method, "spec": self.spec, "options": self.options,
+                "calibration_tokens": self.calibration_tokens, "seconds": self.seconds,
+                "layers": [r.to_dict() for r in self.layers]}
 
 
-@torch.no_grad()
-def quantize_model(model: nn.Module, spec: QuantSpec | str, method: str = "rtn",
-                   options=None, filter_fn: FilterFn | None = None,
-                   progress: bool = True, keep_codes: bool = False) -> QuantizedModel:
-    """Quantize the selected layers in place with a method that needs no calibration data.
+def _block_index(name: str, model: nn.Module) -> int | None:
+    from .arch import block_prefix
 
-    Methods that need a Hessian or inputs (gptq) go through the block-by-block driver instead.
-    Every layer's shape is checked against the spec before any weight changes. Returns the
-    per-layer reports and, with keep_codes, {name: QuantizedTensor} for saving.
+    prefix = block_prefix(model) + "."
+    return int(name[len(prefix):].split(".")[0]) if name.startswith(prefix) else None
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec | str, method: str = "rtn", options=None,
+                   *, calib: torch.Tensor | None = None, filter_fn: FilterFn | None = None,
+                   true_sequential: bool = False, propagate: str = "quantized",
+                   batch_size: int = 8, device: str | torch.device | None = None,
+                   progress: bool = True,
+                   on_block: Callable[[int, list[LayerRecord]], None] | None = None
+                   ) -> PTQResult:
+    """Quantize the selected linear layers of `model` in place with the method `method`.
+
+    options: the method's options dataclass, a dict of its fields, or None for its defaults.
+    calib: (n_samples, seq_len) token ids (e.g. `DataBudget.blocks`); required by methods that
+        calibrate. true_sequential, propagate, batch_size, device and on_block shape the
+        block-by-block run (`ptq.sequential.quantize_blocks`) and are refused without calib.
+    filter_fn(module, name): which linear layers (default: every one in the decoder blocks).
     """
+    t0 = time.perf_counter()
     spec = parse_spec(spec)
     m = get_method(method)
-    if m.needs_hessian or m.needs_inputs:
-        raise ValueError(f"method {method!r} needs calibration data; use the sequential driver")
-    options = options if options is not None else m.options()
-    layers = list(quantizable_linears(model, filter_fn))
-    if not layers:
-        raise ValueError("no linear layer matched; check filter_fn or the model's architecture")
+    options = m.resolve_options(options)
+    if propagate not in ("quantized", "fp"):
+        raise QalignError(f"propagate={propagate!r}: use 'quantized' or 'fp'")
+    if batch_size < 1:
+        raise QalignError(f"batch_size={batch_size} must be >= 1")
+    layers = select_linears(model, filter_fn)
     for name, module in layers:
         spec.check_shape(linear_weight(module).shape[1], name)
-    reports, codes = [], {}
-    for name, module in tqdm(layers, desc=f"{method} {spec}", disable=not progress, leave=False):
+    if calib is None and m.needs_data:
+        raise QalignError(f"method {method!r} calibrates on data: pass calib=(n_samples, "
+                          "seq_len) token ids, e.g. DataBudget(128, 512).blocks(tokens)")
+    if calib is None and (true_sequential or propagate != "quantized" or on_block is not None
+                          or device is not None):
+        raise QalignError("true_sequential, propagate, device and on_block shape a calibrated "
+                          f"run; method {method!r} got no calib, so they would be ignored")
+    if calib is not None:
+        from .sequential import quantize_blocks
+
+        records, quantized = quantize_blocks(
+            model, calib, spec, m, options, dict(layers), true_sequential=true_sequential,
+            propagate=propagate, batch_size=batch_size, device=device, progress=progress,
+            on_block=on_block)
+        tokens = int(calib.numel())
+    else:
+        records, quantized = _quantize_layers(model, spec, m, options, layers, progress)
+        tokens = 0
+    return PTQResult(method, str(spec), asdict(options), records, quantized, tokens,
+                     time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def _quantize_layers(model, spec, m, options, layers, progress):
+    """A data-free method, layer by layer, no forward pass."""
+    records, quantized = [], {}
+    for name, module in tqdm(layers, desc=f"{m.name} {spec}", disable=not progress, leave=False):
         t0 = time.perf_counter()
         W = linear_weight(module)
         res = m.fn(W, None, spec, options)
-        Wq = res.weight
-        if keep_codes and res.quantized is not None:
-            codes[name] = res.quantized
-        err = float((W.float() - Wq.float()).pow(2).sum() / W.float().pow(2).sum().clamp_min(1e-30))
-        set_linear_weight(module, Wq)
-        reports.append(LayerReport(name, tuple(W.shape), err, time.perf_counter() - t0))
-    return QuantizedModel(reports, codes)
+        if res.quantized is not None:
+            quantized[name] = res.quantized
+        err = weight_relative_error(W, res.weight)
+        set_linear_weight(module, res.weight)
+        records.append(LayerRecord(name, _block_index(name, model), tuple(W.shape), m.name,
+                                   str(spec), err, damp=getattr(res, "damp", None),
+                                   seconds=time.perf_counter() - t0))
+    return records, quantized

@@ -2,14 +2,20 @@
 
 relative output error = ||X W^T - X W_hat^T||_F^2 / ||X W^T||_F^2  for inputs X (m, in),
 which equals tr(dW H dW^T) / tr(W H W^T) with H = 2/m X^T X (dW = W - W_hat), so it can be
-computed from a Hessian without keeping X.
+computed from a Hessian without keeping X. Its gradient with respect to the solution is
+    d e / d W_hat = 2 (W_hat - W) H / tr(W H W^T)                                   (out, in),
+the direction a layer-wise PTQ method descends. Every module that reports a local loss (the PTQ
+driver, QAFT's training record, the probes of `compare`) calls these functions; W is always the
+FP weight.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["relative_output_error", "relative_output_error_from_hessian", "layer_loss"]
+__all__ = ["layer_loss", "output_energy", "relative_output_error",
+           "relative_output_error_from_hessian", "relative_output_error_grad",
+           "output_error_sums", "weight_relative_error"]
 
 
 def layer_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
@@ -18,6 +24,11 @@ def layer_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
     difference and the final sum are float64."""
     dW = W.detach().to(torch.float64) - Wq.detach().to(torch.float64)
     return float(((dW.float() @ H.float()).double() * dW).sum())
+
+
+def output_energy(W: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(W H W^T) = 2/m ||X W^T||^2, the denominator of the relative output error."""
+    return float(((W.detach().float() @ H.float()).double() * W.detach().double()).sum())
 
 
 @torch.no_grad()
@@ -33,5 +44,36 @@ def relative_output_error_from_hessian(W: torch.Tensor, W_hat: torch.Tensor, H: 
                                        loss: float | None = None) -> float:
     """The same ratio from H; `loss` = layer_loss(W, W_hat, H) when the caller already has it."""
     loss = layer_loss(W, W_hat, H) if loss is None else loss
-    energy = float(((W.detach().float() @ H.float()).double() * W.detach().double()).sum())
+    energy = output_energy(W, H)
     return loss / energy if energy > 0 else 0.0
+
+
+def relative_output_error_grad(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor
+                               ) -> torch.Tensor:
+    """d e / d W_hat = 2 (W_hat - W) H / tr(W H W^T), float32 (out, in) (module docstring)."""
+    dW = W_hat.detach().float() - W.detach().float()
+    return 2.0 * (dW @ H.float()) / max(output_energy(W, H), 1e-300)
+
+
+@torch.no_grad()
+def output_error_sums(X: torch.Tensor, W: torch.Tensor, *, dW: torch.Tensor | None = None,
+                      Y_hat: torch.Tensor | None = None) -> tuple[float, float]:
+    """(||X W_hat^T - X W^T||^2, ||X W^T||^2) as float64 sums, float32 GEMMs, for accumulating
+    the relative output error over batches of inputs X (m, in). Give either dW = W_hat - W, or
+    Y_hat = X W_hat^T when the caller already has the layer's own float32 output (bias removed):
+    then one GEMM, X W^T, gives both terms."""
+    X = X.detach().reshape(-1, X.shape[-1]).float()
+    y = X @ W.detach().float().T
+    if Y_hat is not None:
+        diff = Y_hat.detach().reshape(y.shape).float() - y
+    elif dW is not None:
+        diff = X @ dW.detach().float().T
+    else:
+        raise TypeError("output_error_sums needs dW or Y_hat")
+    return float(diff.pow(2).sum(dtype=torch.float64)), float(y.pow(2).sum(dtype=torch.float64))
+
+
+def weight_relative_error(W: torch.Tensor, W_hat: torch.Tensor) -> float:
+    """||W - W_hat||_F^2 / ||W||_F^2, the data-free error of a solution."""
+    W, W_hat = W.detach().float(), W_hat.detach().float()
+    return float((W - W_hat).pow(2).sum() / W.pow(2).sum().clamp_min(1e-30))

@@ -20,9 +20,11 @@ from typing import Callable
 
 import torch
 
+from .errors import OptionsError, QalignError
 from .formats import QuantizedTensor, QuantSpec
 
-__all__ = ["LayerStats", "QuantResult", "Method", "METHODS", "register_method", "get_method"]
+__all__ = ["LayerStats", "QuantResult", "Method", "METHODS", "UnknownMethodError", "register_method",
+           "get_method"]
 
 
 @dataclass
@@ -53,18 +55,41 @@ class Method:
     needs_hessian: bool = False
     needs_inputs: bool = False
 
+    @property
+    def needs_data(self) -> bool:
+        """Whether the method calibrates (and so runs block by block on calibration data)."""
+        return self.needs_hessian or self.needs_inputs
+
     def make_options(self, **kwargs):
         """Options from keyword arguments; unknown keys are an error naming the known ones."""
         known = set(getattr(self.options, "__dataclass_fields__", {}))
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise TypeError(
+            raise OptionsError(
                 f"unknown option(s) {unknown} for method {self.name!r}; known: {sorted(known)}"
             )
         return self.options(**kwargs)
 
+    def resolve_options(self, options=None):
+        """The method's options from None (its defaults), a dict of fields, or an instance."""
+        if options is None:
+            return self.options()
+        if isinstance(options, dict):
+            return self.make_options(**options)
+        if not isinstance(options, self.options):
+            raise OptionsError(f"method {self.name!r} takes {self.options.__name__}, not "
+                               f"{type(options).__name__}")
+        return options
+
 
 METHODS: dict[str, Method] = {}
+
+
+class UnknownMethodError(QalignError, KeyError):
+    """A method name that nothing registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
 def register_method(name: str, *, options: type, needs_hessian: bool = False,
@@ -73,7 +98,7 @@ def register_method(name: str, *, options: type, needs_hessian: bool = False,
 
     def wrap(fn):
         if name in METHODS:
-            raise ValueError(f"a PTQ method named {name!r} is already registered")
+            raise QalignError(f"a PTQ method named {name!r} is already registered")
         METHODS[name] = Method(name, fn, options, needs_hessian, needs_inputs)
         return fn
 
@@ -84,7 +109,7 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise KeyError(
+        raise UnknownMethodError(
             f"unknown PTQ method {name!r}; registered: {sorted(METHODS)}. "
             "Register your own with @ptq.register_method(name, options=YourOptions)."
         ) from None

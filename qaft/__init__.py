@@ -1,13 +1,18 @@
 """Quantization-aware fine-tuning (QAFT) with a straight-through estimator, on the PTQ budget.
 
-Fake quantization reuses `ptq.formats`, so QAFT and PTQ mean exactly the same grid.
+Fake quantization reuses `ptq.formats`, so QAFT and PTQ mean exactly the same grid. One call per
+mode: `finetune_qaft`, `finetune_lora`, `finetune_fp` (qaft.finetuning); the loop underneath is
+`qaft.train.finetune`.
 """
 
 from . import lora, train
-from .fake_quant import INITS, SCALE_MODES, FakeQuantLinear, convert, fake_quant_layers, prepare
+from .fake_quant import (INITS, SCALE_MODES, FakeQuantLinear, QAFTConfig, convert,
+                         fake_quant_layers, prepare)
+from .finetuning import FinetuneResult, finetune_fp, finetune_lora, finetune_qaft
 from .lora import LoraOptions, merge_and_requantize, prepare_lora
 from .train import TrainConfig, TrainResult, finetune
 
-__all__ = ["FakeQuantLinear", "INITS", "LoraOptions", "SCALE_MODES", "TrainConfig", "TrainResult",
-           "convert", "fake_quant_layers", "finetune", "lora", "merge_and_requantize", "prepare",
-           "prepare_lora", "train"]
+__all__ = ["FakeQuantLinear", "FinetuneResult", "INITS", "LoraOptions", "QAFTConfig",
+           "SCALE_MODES", "TrainConfig", "TrainResult", "convert", "fake_quant_layers",
+           "finetune", "finetune_fp", "finetune_lora", "finetune_qaft", "lora",
+           "merge_and_requantize", "prepare", "prepare_lora", "train"]

@@ -17,21 +17,54 @@ solution); "learned" makes them parameters (LSQ). Zero points stay fixed in "fix
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ptq.apply import FilterFn, in_decoder_blocks
+from ptq.errors import OptionsError
 from ptq.formats import (ClipSearch, QParams, QuantizedTensor, QuantSpec, compute_qparams,
                          expand_blocks, fake_quantize_with, inside_range, parse_spec,
                          quantize, sum_blocks)
+from ptq.layers import FilterFn, linear_weight, select_linears, set_linear_weight
 
-__all__ = ["FakeQuantLinear", "prepare", "convert", "fake_quant_layers", "SCALE_MODES",
-           "INITS"]
+__all__ = ["FakeQuantLinear", "QAFTConfig", "prepare", "convert", "fake_quant_layers",
+           "SCALE_MODES", "INITS"]
 
 SCALE_MODES = ("dynamic", "fixed", "learned")
-INITS = ("rtn", "mse")
+INITS = ("rtn", "mse", "gptq")
+
+
+@dataclass(frozen=True)
+class QAFTConfig:
+    """How quantization-aware fine-tuning quantizes: where it starts and what its scales do."""
+
+    init: str = field(default="rtn", metadata={
+        "help": "where quantization starts: rtn (min/max scales), mse (MSE-clipped scales) or "
+                "gptq (the GPTQ solution on the same budget)"})
+    scale_mode: str | None = field(default=None, metadata={
+        "help": "dynamic (min/max of the current weight every step), fixed (the initial "
+                "scales) or learned (LSQ); default: dynamic for rtn, fixed for mse and gptq"})
+    clipped_ste: bool = field(default=True, metadata={
+        "help": "no gradient for weights outside their block's representable range"})
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise OptionsError(f"init={self.init!r}: use one of {', '.join(INITS)}")
+        if self.scale_mode is not None and self.scale_mode not in SCALE_MODES:
+            raise OptionsError(f"scale_mode={self.scale_mode!r}: use one of "
+                               f"{', '.join(SCALE_MODES)}")
+        if self.init != "rtn" and self.scale_mode == "dynamic":
+            raise OptionsError(f"init={self.init} with scale_mode=dynamic would discard the "
+                               f"{self.init} scales at the first step (dynamic recomputes "
+                               "min/max scales); use scale_mode fixed or learned, or init rtn")
+
+    @property
+    def scales(self) -> str:
+        """The scale mode in effect."""
+        if self.scale_mode is not None:
+            return self.scale_mode
+        return "dynamic" if self.init == "rtn" else "fixed"
 
 
 class _FakeQuantSTE(torch.autograd.Function):
@@ -65,34 +98,38 @@ class _FakeQuantSTE(torch.autograd.Function):
 
 
 class FakeQuantLinear(nn.Module):
-    """A Linear whose weight is fake-quantized on every forward. It shares the weight (and bias)
-    Parameter with the Linear it was made from; `to_linear()` gives that Linear back."""
+    """A linear layer (nn.Linear, or GPT-2's Conv1D, which stores its weight transposed) whose
+    weight is fake-quantized on every forward. It shares the weight (and bias) Parameter with the
+    layer it was made from; `to_linear()` gives that layer back."""
 
-    def __init__(self, linear: nn.Linear, spec: QuantSpec | str, *, scale_mode: str = "dynamic",
+    wraps_linear = True  # the tree walker (ptq.layers) does not descend into it
+
+    def __init__(self, linear: nn.Module, spec: QuantSpec | str, *, scale_mode: str = "dynamic",
                  init: str | QuantizedTensor = "rtn", clipped_ste: bool = True):
         super().__init__()
         if scale_mode not in SCALE_MODES:
-            raise ValueError(f"scale_mode={scale_mode!r}: use one of {SCALE_MODES}")
+            raise OptionsError(f"scale_mode={scale_mode!r}: use one of {SCALE_MODES}")
         self.spec = parse_spec(spec)
-        self.spec.check_shape(linear.in_features, "this layer")
+        weight = linear_weight(linear)  # (out, in) view
+        self.spec.check_shape(weight.shape[1], "this layer")
         self.linear = linear  # shares weight and bias; restored by to_linear
         self.scale_mode = scale_mode
         self.clipped_ste = clipped_ste
         if isinstance(init, QuantizedTensor):
-            if init.spec != self.spec or init.codes.shape != linear.weight.shape:
-                raise ValueError(f"init QuantizedTensor is {init.spec} {tuple(init.codes.shape)};"
-                                 f" the layer needs {self.spec} {tuple(linear.weight.shape)}")
+            if init.spec != self.spec or init.codes.shape != weight.shape:
+                raise OptionsError(f"init QuantizedTensor is {init.spec} "
+                                   f"{tuple(init.codes.shape)}; the layer needs {self.spec} "
+                                   f"{tuple(weight.shape)}")
             if scale_mode == "dynamic":
-                raise ValueError("a GPTQ/PTQ initialization needs scale_mode 'fixed' or 'learned'"
-                                 " (dynamic min/max scales would discard its scales)")
+                raise OptionsError("a GPTQ/PTQ initialization needs scale_mode 'fixed' or "
+                                   "'learned' (dynamic min/max scales would discard its scales)")
             p = QParams(init.scale.float(), None if init.zero is None else init.zero.float())
-            with torch.no_grad():  # start where the PTQ solution ended
-                linear.weight.copy_(init.dequantize().to(linear.weight.dtype))
-        elif init in INITS:
+            set_linear_weight(linear, init.dequantize())  # start where the PTQ solution ended
+        elif init in ("rtn", "mse"):
             clip = ClipSearch() if init == "mse" else None
-            p = compute_qparams(linear.weight.detach(), self.spec, clip)
+            p = compute_qparams(weight.detach(), self.spec, clip)
         else:
-            raise ValueError(f"init={init!r}: use 'rtn', 'mse' or a QuantizedTensor")
+            raise OptionsError(f"init={init!r}: use 'rtn', 'mse' or a QuantizedTensor")
         scale = p.scale.to(torch.float32)
         if scale_mode == "learned":
             self.scale = nn.Parameter(scale)
@@ -104,12 +141,13 @@ class FakeQuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec | str, **kwargs) -> "FakeQuantLinear":
         return cls(linear, spec, **kwargs)
 
-    def to_linear(self) -> nn.Linear:
-        """The original Linear (its weight holds the latent, not yet snapped, values)."""
+    def to_linear(self) -> nn.Module:
+        """The original layer (its weight holds the latent, not yet snapped, values)."""
         return self.linear
 
     @property
     def weight(self) -> nn.Parameter:
+        """The latent Parameter, in the wrapped layer's own layout ((in, out) for Conv1D)."""
         return self.linear.weight
 
     @property
@@ -118,13 +156,13 @@ class FakeQuantLinear(nn.Module):
 
     def qparams(self) -> QParams:
         if self.scale_mode == "dynamic":
-            return compute_qparams(self.linear.weight.detach(), self.spec)
+            return compute_qparams(linear_weight(self.linear).detach(), self.spec)
         return QParams(self.scale, self.zero)
 
     def quantized_weight(self) -> torch.Tensor:
-        """W_hat with the STE attached (what forward multiplies by)."""
+        """W_hat (out, in) with the STE attached (what forward multiplies by)."""
         p = self.qparams()
-        return _FakeQuantSTE.apply(self.linear.weight, p.scale, p.zero, self.spec,
+        return _FakeQuantSTE.apply(linear_weight(self.linear), p.scale, p.zero, self.spec,
                                    self.clipped_ste, self.scale_mode == "learned")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,10 +172,12 @@ class FakeQuantLinear(nn.Module):
     def quantize(self) -> QuantizedTensor:
         """Codes and scales of the current weight (exactly what forward uses)."""
         p = self.qparams()
-        return quantize(self.linear.weight, self.spec, qparams=QParams(p.scale.detach(), p.zero))
+        return quantize(linear_weight(self.linear), self.spec,
+                        qparams=QParams(p.scale.detach(), p.zero))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.linear.in_features}, out_features={self.linear.out_features}, "
+        out_features, in_features = linear_weight(self.linear).shape
+        return (f"in_features={in_features}, out_features={out_features}, "
                 f"spec={self.spec}, scale_mode={self.scale_mode}, clipped_ste={self.clipped_ste}")
 
 
@@ -146,30 +186,33 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def prepare(model: nn.Module, spec: QuantSpec | str, filter_fn: FilterFn | None = None, *,
-            scale_mode: str = "dynamic", init: str | dict[str, QuantizedTensor] = "rtn",
-            clipped_ste: bool = True) -> dict[str, FakeQuantLinear]:
-    """Swap the selected nn.Linear layers (default: those in the decoder blocks) for
-    FakeQuantLinear in place; `init` may map layer names to PTQ solutions (e.g. GPTQ's
-    `SequentialResult.quantized`). Returns {name: FakeQuantLinear}."""
+def prepare(model: nn.Module, spec: QuantSpec | str, config: QAFTConfig = QAFTConfig(), *,
+            filter_fn: FilterFn | None = None,
+            solution: dict[str, QuantizedTensor] | None = None) -> dict[str, FakeQuantLinear]:
+    """Swap the selected linear layers (default: those in the decoder blocks, through the one
+    tree walker `ptq.layers.quantizable_linears`) for FakeQuantLinear in place. With
+    config.init "gptq", `solution` maps every selected layer to its PTQ solution (e.g.
+    `ptq.quantize_model(..., "gptq", calib=...).quantized`). Returns {name: FakeQuantLinear}."""
     spec = parse_spec(spec)
-    keep: Callable = filter_fn if filter_fn is not None else in_decoder_blocks(model)
-    chosen = [(n, m) for n, m in model.named_modules()
-              if type(m) is nn.Linear and keep(m, n)]
-    if not chosen:
-        raise ValueError("no nn.Linear matched; check filter_fn (GPT-2's Conv1D layers are not "
-                         "supported by qaft yet)")
+    if fake_quant_layers(model):
+        raise OptionsError("the model already holds fake-quantized layers; call qaft.convert "
+                           "(or start from a fresh model) before preparing it again")
+    chosen = select_linears(model, filter_fn)
     for name, module in chosen:
-        spec.check_shape(module.in_features, name)
-    if isinstance(init, dict):
-        missing = [n for n, _ in chosen if n not in init]
+        spec.check_shape(linear_weight(module).shape[1], name)
+    if (config.init == "gptq") != (solution is not None):
+        raise OptionsError("init gptq starts from a PTQ solution: pass solution={layer: "
+                           "QuantizedTensor} with it, and only with it")
+    if solution is not None:
+        missing = [n for n, _ in chosen if n not in solution]
         if missing:
-            raise ValueError(f"init has no PTQ solution for {missing[:3]}... ({len(missing)})")
+            raise OptionsError(f"the solution has no layer {missing[0]} ({len(missing)} of "
+                               f"{len(chosen)} missing); quantize the same layers first")
     swapped = {}
     for name, module in chosen:
-        layer_init = init[name] if isinstance(init, dict) else init
-        fq = FakeQuantLinear(module, spec, scale_mode=scale_mode, init=layer_init,
-                             clipped_ste=clipped_ste)
+        layer_init = solution[name] if solution is not None else config.init
+        fq = FakeQuantLinear(module, spec, scale_mode=config.scales, init=layer_init,
+                             clipped_ste=config.clipped_ste)
         _swap(model, name, fq)
         swapped[name] = fq
     return swapped
@@ -187,7 +230,7 @@ def convert(model: nn.Module) -> dict[str, QuantizedTensor]:
     for name, fq in fake_quant_layers(model).items():
         qt = fq.quantize()
         linear = fq.to_linear()
-        linear.weight.copy_(qt.dequantize().to(linear.weight.dtype))
+        set_linear_weight(linear, qt.dequantize())
         _swap(model, name, linear)
         codes[name] = qt
     return codes

@@ -14,13 +14,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ptq.apply import FilterFn, in_decoder_blocks, set_linear_weight
+from ptq.errors import OptionsError
 from ptq.formats import QuantizedTensor, QuantSpec, dequantize, parse_spec, quantize
+from ptq.layers import (FilterFn, linear_weight, quantizable_linears, select_linears,
+                        set_linear_weight)
 
-__all__ = ["LoraOptions", "prepare_lora", "merge_and_requantize", "MERGED_NOTE"]
+__all__ = ["LoraOptions", "LORA_INITS", "prepare_lora", "merge_and_requantize", "MERGED_NOTE"]
 
 MERGED_NOTE = ("LoRA merged into the quantized base, then re-quantized with RTN: evaluated after "
                "re-quantization, not before")
+
+
+LORA_INITS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -28,31 +33,38 @@ class LoraOptions:
     rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scale alpha / r)"})
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    init: str = field(default="rtn", metadata={
+        "help": "the frozen base: rtn, or gptq (the GPTQ solution on the same budget)"})
 
     def __post_init__(self):
         if self.rank < 1:
-            raise ValueError(f"LoRA rank={self.rank} must be >= 1")
+            raise OptionsError(f"LoRA rank={self.rank} must be >= 1")
+        if not self.alpha > 0 or not 0 <= self.dropout < 1:
+            raise OptionsError(f"LoRA alpha={self.alpha} must be > 0 and dropout="
+                               f"{self.dropout} in [0, 1)")
+        if self.init not in LORA_INITS:
+            raise OptionsError(f"LoRA init={self.init!r}: use one of {', '.join(LORA_INITS)} "
+                               "(the base is frozen, so scale choices such as mse do not apply)")
 
 
 def prepare_lora(model: nn.Module, spec: QuantSpec | str, options: LoraOptions = LoraOptions(),
                  filter_fn: FilterFn | None = None,
                  init: dict[str, QuantizedTensor] | None = None):
-    """Snap the selected Linear layers onto the grid (RTN, or `init`), freeze everything, add
-    LoRA adapters to those layers. Returns the peft model (train it with `finetune`)."""
+    """Snap the selected linear layers onto the grid (RTN, or the PTQ solution `init` maps them
+    to), freeze everything, add LoRA adapters to those layers. Returns the peft model (train it
+    with `finetune`)."""
     from peft import LoraConfig, get_peft_model
 
     spec = parse_spec(spec)
-    keep = filter_fn if filter_fn is not None else in_decoder_blocks(model)
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and keep(m, n)]
-    if not names:
-        raise ValueError("no nn.Linear matched; check filter_fn")
-    for name in names:
-        module = model.get_submodule(name)
-        spec.check_shape(module.in_features, name)
+    chosen = select_linears(model, filter_fn)
+    names = [n for n, _ in chosen]
+    for name, module in chosen:
+        spec.check_shape(linear_weight(module).shape[1], name)
+    if init is not None and any(n not in init for n in names):
+        raise OptionsError("init must hold a PTQ solution for every selected layer")
     with torch.no_grad():
-        for name in names:
-            module = model.get_submodule(name)
-            qt = init[name] if init is not None else quantize(module.weight, spec)
+        for name, module in chosen:
+            qt = init[name] if init is not None else quantize(linear_weight(module), spec)
             set_linear_weight(module, dequantize(qt))
     for p in model.parameters():
         p.requires_grad_(False)
@@ -67,11 +79,9 @@ def merge_and_requantize(peft_model, spec: QuantSpec | str, filter_fn: FilterFn 
     """Merge the adapters, re-quantize the merged layers with RTN; (model, codes)."""
     spec = parse_spec(spec)
     model = peft_model.merge_and_unload()
-    keep = filter_fn if filter_fn is not None else in_decoder_blocks(model)
     codes = {}
-    for name, module in model.named_modules():
-        if type(module) is nn.Linear and keep(module, name):
-            qt = quantize(module.weight, spec)
-            set_linear_weight(module, dequantize(qt))
-            codes[name] = qt
+    for name, module in quantizable_linears(model, filter_fn):
+        qt = quantize(linear_weight(module), spec)
+        set_linear_weight(module, dequantize(qt))
+        codes[name] = qt
     return model, codes

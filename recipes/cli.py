@@ -1,9 +1,12 @@
-"""The `qalign` command line: prepare, quantize, eval, recipe.
+"""The `qalign` command line: prepare, quantize, eval, finetune, recipe.
 
     qalign prepare                      # embedded model and text, offline
-    qalign quantize --spec int3-g64 --out runs/rtn-int3
-    qalign eval --model runs/rtn-int3
-    qalign recipe ptq-table --out results/ptq-table
+    qalign quantize --spec int3-g64 --method gptq --out runs/gptq-int3
+    qalign eval --model runs/gptq-int3
+    qalign recipe misalignment --preset quick --out results/misalignment
+
+Every command validates its whole configuration (spec, options, output folder, device) before it
+loads a model or any text; a mistake is one `qalign: error: ...` line naming the fix (exit 2).
 """
 
 from __future__ import annotations
@@ -12,29 +15,42 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from compare.data import DataBudget, DataError, load_text, tokenize
+from compare.data import load_text, tokenize
 from compare.evaluate import eval_windows, evaluate_nll
-from compare.io import write_csv, write_json
-from compare.models import EMBEDDED_MODELS, ModelError, load_model, prepare_embedded
+from compare.io import read_json, write_csv, write_json
+from compare.models import EMBEDDED_MODELS, load_model, prepare_embedded
 from ptq.checkpoint import save_quantized
-from ptq.formats import SpecError, parse_spec
+from ptq.errors import OptionsError, QalignError
+from ptq.formats import parse_spec
 from recipes import misalignment, ptq_table, same_budget
-from recipes.finetune import add_finetune_args, finetune_model
-from recipes.common import resolve_device, versions
-from recipes.quantization import add_budget_args, add_method_args, layer_table, method_options, run_ptq
+from recipes.common import out_folder, resolve_device, versions
+from recipes.flags import given_fields
+from recipes.finetune import add_finetune_flags, finetune_setup, run_finetune
+from recipes.quantization import (CalibConfig, add_calib_flags, add_method_flags, calib_config,
+                                  layer_table, method_options, run_ptq)
 
 RECIPES = {"misalignment": misalignment, "ptq-table": ptq_table, "same-budget": same_budget}
 
 
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be positive")
+        return value
+    return parse
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
-                   help="embedded name, local model folder or hub id (default: smollm2-135m)")
+                   help="embedded name, local model folder, local .gguf file or hub id "
+                        "(default: smollm2-135m)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model's own Python code to run (off by default)")
@@ -43,19 +59,29 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="wiki",
                    help="'wiki' (embedded), a text file, or hf:NAME[:CONFIG] (default: wiki)")
-    p.add_argument("--seq-len", type=int, default=512,
+    p.add_argument("--seq-len", type=_positive(int), default=512,
                    help="evaluation window, and calibration block length (default: 512)")
-    p.add_argument("--max-tokens", type=int, default=16384,
+    p.add_argument("--max-tokens", type=_positive(int), default=16384,
                    help="held-out tokens evaluated (default: 16384)")
-    p.add_argument("--batch-size", type=int, default=2, help="windows per forward (default: 2)")
+    p.add_argument("--batch-size", type=_positive(int), default=2,
+                   help="windows per forward (default: 2)")
+
+
+def _source_label(model: str) -> dict:
+    """What a --model folder holds, from the report qalign wrote next to it (else FP)."""
+    for name in ("qalign-quant.json", "qalign-finetune.json"):
+        report = read_json(Path(model) / name) if Path(model).is_dir() else None
+        if report is not None:
+            method = report.get("method") or report.get("mode")
+            return {"method": method, "spec": report.get("spec")}
+    return {"method": "fp", "spec": None}
 
 
 def cmd_prepare(args) -> None:
     names = list(EMBEDDED_MODELS) if args.model == "all" else [args.model]
     for name in names:
-        t0 = time.perf_counter()
         path = prepare_embedded(name, force=args.force)
-        print(f"model {name}: {path} ({time.perf_counter() - t0:.1f} s)")
+        print(f"model {name}: {path}")
     splits = load_text(args.data)
     print(f"text {splits.name}: train {len(splits.train):,} chars, "
           f"held-out {len(splits.heldout):,} chars")
@@ -63,69 +89,85 @@ def cmd_prepare(args) -> None:
 
 def cmd_quantize(args) -> None:
     spec = parse_spec(args.spec)
-    method_options(args)  # fail on a foreign flag before loading anything
-    model, tokenizer = load_model(args.model, device=resolve_device(args.device),
+    options = method_options(args, [args.method])[args.method]
+    calib = calib_config(args, args.method)
+    out = out_folder(args.out)
+    device = resolve_device(args.device)
+    text = load_text(args.data) if calib is not None else None
+    model, tokenizer = load_model(args.model, device=device,
                                   trust_remote_code=args.trust_remote_code)
-    report = run_ptq(model, tokenizer, args)
-    quantized = report.pop("_quantized")
-    out = Path(args.out)
-    save_quantized(model, quantized, out, {"method": args.method, "source_model": args.model})
+    res, budget = run_ptq(model, tokenizer, text, spec, args.method, options, calib)
+    save_quantized(model, res.quantized, out, {"method": args.method, "source_model": args.model})
     tokenizer.save_pretrained(out)
-    write_json(out / "qalign-quant.json", {"source_model": args.model, **report,
-                                           "versions": versions()})
+    report = {"source_model": args.model, **res.to_dict(), "budget": budget,
+              "versions": versions()}
+    write_json(out / "qalign-quant.json", report)
     write_csv(out / "layers.csv", report["layers"])
     print(layer_table(report["layers"]))
-    print(f"{args.method} {spec}: {len(report['layers'])} layers in {report['seconds']:.1f} s "
-          f"-> {out}")
+    print(f"{args.method} {spec}: {len(res.layers)} layers in {res.seconds:.1f} s -> {out}")
 
 
 def cmd_eval(args) -> None:
-    spec = parse_spec(args.spec) if args.spec else None  # fail on a bad spec before loading
-    if spec is not None:
-        method_options(args)
-    model, tokenizer = load_model(args.model, device=resolve_device(args.device),
-                                  trust_remote_code=args.trust_remote_code)
+    spec = parse_spec(args.spec) if args.spec else None
+    if spec is None:  # the model is evaluated as loaded: method and calibration flags are moot
+        method_options(args, [])
+        if args.method != "rtn" or set(given_fields(CalibConfig, args)) - {"seq_len"}:
+            raise OptionsError("--method and calibration flags need --spec (without it the "
+                               "model is evaluated as loaded)")
+        options = calib = None
+    else:
+        options = method_options(args, [args.method])[args.method]
+        calib = calib_config(args, args.method, seq_len=args.seq_len)
+    device = resolve_device(args.device)
     text = load_text(args.data)  # once: calibration (train split) and evaluation (held-out)
-    if args.spec:
-        report = run_ptq(model, tokenizer, args, text=text)
-        print(f"{args.method} {spec}: {len(report['layers'])} layers in "
-              f"{report['seconds']:.1f} s")
+    model, tokenizer = load_model(args.model, device=device,
+                                  trust_remote_code=args.trust_remote_code)
+    label = _source_label(args.model)
+    if spec is not None:
+        res, _ = run_ptq(model, tokenizer, text, spec, args.method, options, calib)
+        label = {"method": args.method if label["method"] == "fp"
+                 else f"{label['method']}+{args.method}", "spec": str(spec)}
+        print(f"{args.method} {spec}: {len(res.layers)} layers in {res.seconds:.1f} s")
     windows = eval_windows(tokenize(tokenizer, text.heldout), args.seq_len, args.max_tokens)
     result = evaluate_nll(model, windows, batch_size=args.batch_size)
-    row = {"model": args.model, "data": args.data, "method": args.method if args.spec else "fp",
-           "spec": str(spec) if spec else None, **result.to_dict()}
+    row = {"model": args.model, "data": args.data, **label, **result.to_dict()}
     print(json.dumps(row, indent=1))
     if args.json:
         write_json(args.json, row)
 
 
 def cmd_finetune(args) -> None:
-    if (args.mode == "fp") == (args.spec is not None):
-        raise SystemExit("give --spec with --mode qaft/lora, and no --spec with --mode fp")
-    spec = parse_spec(args.spec) if args.spec else None
-    model, tokenizer = load_model(args.model, device=resolve_device(args.device),
+    setup = finetune_setup(args)
+    spec = str(parse_spec(args.spec)) if args.spec else None
+    if (setup.mode == "fp") != (spec is None):
+        raise OptionsError("give --spec with --mode qaft or lora, and no --spec with --mode fp")
+    out = out_folder(args.out)
+    device = resolve_device(args.device)
+    calib = CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.budget_seed)
+    text = load_text(args.data)
+    model, tokenizer = load_model(args.model, device=device,
                                   trust_remote_code=args.trust_remote_code)
-    budget = DataBudget(args.samples, args.seq_len, args.budget_seed)
-    calib = budget.blocks(tokenize(tokenizer, load_text(args.data).train))
-    model, codes, result, info = finetune_model(model, calib, str(spec) if spec else None, args)
+    blocks = calib.budget.blocks(tokenize(tokenizer, text.train))
+    res = run_finetune(model, blocks, spec, setup)
     if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: every rank holds the same result
         return
-    out = Path(args.out)
-    if codes is None:
-        model.save_pretrained(out)
+    if res.codes is None:
+        res.model.save_pretrained(out)
     else:
-        save_quantized(model, codes, out, {"method": f"{args.mode}", "source_model": args.model})
+        save_quantized(res.model, res.codes, out, {"method": setup.mode,
+                                                   "source_model": args.model})
     tokenizer.save_pretrained(out)
+    train = res.train
     write_json(out / "qalign-finetune.json", {
-        "source_model": args.model, "spec": str(spec) if spec else None, **info,
-        "budget": {"data": args.data, **asdict(budget), "unique_tokens": budget.unique_tokens},
-        "steps": result.steps, "tokens_processed": result.tokens_processed,
-        "unique_tokens": result.unique_tokens, "train_seconds": result.seconds,
-        "history": result.history, "versions": versions()})
-    last = result.history[-1]
-    print(f"{args.mode} {spec or 'fp'}: {result.steps} steps, {result.tokens_processed:,} tokens "
-          f"({result.unique_tokens:,} unique), final loss {last['loss']:.4f}, "
-          f"{info['seconds']:.0f} s -> {out}")
+        "source_model": args.model, "spec": spec, **res.info,
+        "budget": {"data": args.data, **asdict(calib.budget),
+                   "unique_tokens": calib.budget.unique_tokens},
+        "steps": train.steps, "tokens_processed": train.tokens_processed,
+        "unique_tokens": train.unique_tokens, "train_seconds": train.seconds,
+        "history": train.history, "versions": versions()})
+    print(f"{setup.mode} {spec or 'fp'}: {train.steps} steps, {train.tokens_processed:,} tokens "
+          f"({train.unique_tokens:,} unique), final loss {train.history[-1]['loss']:.4f}, "
+          f"{res.info['seconds']:.0f} s -> {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,12 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize every linear layer of the decoder blocks and save "
                                    "the model (safetensors) with a qalign-quant.json report.")
     _model_args(s)
-    add_method_args(s, spec_required=True)
-    add_budget_args(s)
+    add_method_flags(s, spec_required=True)
     s.add_argument("--data", default="wiki",
                    help="calibration text: 'wiki', a text file or hf:NAME[:CONFIG] (default: wiki)")
-    s.add_argument("--seq-len", type=int, default=512,
-                   help="calibration block length in tokens (default: 512)")
+    add_calib_flags(s)
     s.add_argument("--out", required=True, help="output model folder")
     s.set_defaults(fn=cmd_quantize)
 
@@ -159,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "of the model quantized on the fly.")
     _model_args(s)
     _eval_args(s)
-    add_method_args(s, spec_required=False)
-    add_budget_args(s)
+    add_method_flags(s)
+    add_calib_flags(s, exclude=("seq_len",))  # calibration blocks are --seq-len long
     s.add_argument("--json", help="also write the result to this JSON file")
     s.set_defaults(fn=cmd_eval)
 
@@ -172,12 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", help="quantization spec (not with --mode fp)")
     s.add_argument("--data", default="wiki",
                    help="training text: 'wiki', a text file or hf:NAME[:CONFIG] (default: wiki)")
-    s.add_argument("--samples", type=int, default=128,
+    s.add_argument("--samples", type=_positive(int), default=128,
                    help="budget: number of token blocks (default: 128)")
-    s.add_argument("--seq-len", type=int, default=512, help="budget: block length (default: 512)")
+    s.add_argument("--seq-len", type=_positive(int), default=512,
+                   help="budget: block length (default: 512)")
     s.add_argument("--budget-seed", type=int, default=0,
                    help="seed of the block draw, as PTQ's --seed (default: 0)")
-    add_finetune_args(s)
+    add_finetune_flags(s)
     s.add_argument("--out", required=True, help="output model folder")
     s.set_defaults(fn=cmd_finetune)
 
@@ -192,14 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    torch.manual_seed(0)
+def run_or_exit(fn, args):
+    """fn(args); a QalignError (any mistake in the input) becomes one line on stderr, exit 2."""
     try:
-        args.fn(args)
-    except (SpecError, DataError, ModelError) as e:
+        return fn(args)
+    except QalignError as e:
         print(f"qalign: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    run_or_exit(args.fn, args)
 
 
 if __name__ == "__main__":

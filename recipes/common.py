@@ -1,27 +1,45 @@
-"""Shared wiring of the CLI and the recipes: devices, versions, held-out windows, snapshots."""
+"""Shared wiring of the CLI and the recipes: devices, versions, resume, weight snapshots."""
 
 from __future__ import annotations
 
+import os
 import platform
 from importlib import metadata
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from compare.data import load_text, tokenize
 from compare.io import read_json
-from compare.evaluate import eval_windows
-from ptq.apply import linear_weight, quantizable_linears, set_linear_weight
+from ptq.errors import OptionsError, QalignError
+from ptq.layers import linear_weight, quantizable_linears, set_linear_weight
 
-__all__ = ["resolve_device", "versions", "heldout_windows", "finished_rows", "WeightSnapshot"]
+__all__ = ["ConfigError", "out_folder", "resolve_device", "versions", "finished_rows", "WeightSnapshot"]
+
+
+class ConfigError(QalignError):
+    """A recipe configuration that cannot run, with what to change."""
 
 
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA device is visible; use --device cpu")
+        raise OptionsError(f"--device {name}: no CUDA device is visible; use --device cpu")
+    if name.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
+        raise OptionsError(f"--device {name}: use cpu, cuda, cuda:N or auto")
     return name
+
+
+def out_folder(path: str) -> Path:
+    """A folder the command may write: not an existing file, its parent writable."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise OptionsError(f"--out {out} is a file; give a folder path")
+    parent = out if out.exists() else next((q for q in out.parents if q.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise OptionsError(f"--out {out}: {parent} is not writable; choose another folder")
+    return out
 
 
 def versions() -> dict:
@@ -35,11 +53,6 @@ def versions() -> dict:
     return out
 
 
-def heldout_windows(tokenizer, data: str, seq_len: int, max_tokens: int | None) -> torch.Tensor:
-    splits = load_text(data)
-    return eval_windows(tokenize(tokenizer, splits.heldout), seq_len, max_tokens)
-
-
 def finished_rows(results_path, config: dict, fresh: bool) -> list[dict]:
     """Rows a previous run of the same config left in results_path (resume), else []. A file
     from another config is an error rather than something silently mixed in or overwritten."""
@@ -47,8 +60,8 @@ def finished_rows(results_path, config: dict, fresh: bool) -> list[dict]:
     if previous is None:
         return []
     if previous["config"] != config:
-        raise SystemExit(f"{results_path} holds results of another config "
-                         f"({previous['config']}); use another --out, or --fresh to discard them")
+        raise ConfigError(f"{results_path} holds results of another config; use another --out, "
+                          "or --fresh to discard them")
     return previous["rows"]
 
 

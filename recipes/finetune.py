@@ -1,80 +1,89 @@
-"""Wiring of fine-tuning on a PTQ budget: QAFT (STE), QLoRA-style LoRA, and the FP control.
+"""Command-line wiring of fine-tuning on a PTQ budget: QAFT (STE), QLoRA-style LoRA, FP control.
 
     qalign finetune --spec int3-g64 --samples 128 --seq-len 512 --epochs 1 --out runs/qaft-int3
-    qalign finetune --fp-control --samples 128 --seq-len 512 --out runs/fp-ft
+    qalign finetune --mode fp --samples 128 --seq-len 512 --out runs/fp-ft
+
+Flags map 1:1 onto the library's dataclasses (recipes.flags): TrainConfig (`--lr`, `--epochs`,
+...), QAFTConfig (`--init`, `--scale-mode`, `--clipped-ste`: mode qaft only), LoraOptions
+(`--lora-rank`, `--lora-init`, ...: mode lora only), GPTQOptions (`--gptq-damp`, ...: only with a
+GPTQ start). A flag that does not apply to the chosen mode is an error, never silently ignored.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import time
-
-import torch
-from torch import nn
+from dataclasses import dataclass
 
 import qaft
-from ptq.formats import parse_spec
+from ptq.errors import OptionsError
 from ptq.gptq import GPTQOptions
-from ptq.sequential import quantize_sequential
-from qaft.lora import MERGED_NOTE, LoraOptions, merge_and_requantize, prepare_lora
-from qaft.train import TrainConfig, finetune
-from recipes.quantization import add_field_flag, dataclass_from_args
+from qaft import FinetuneResult, LoraOptions, QAFTConfig, TrainConfig
+from recipes.flags import add_dataclass_flags, flag_name, from_args, given_fields
 
-__all__ = ["add_finetune_args", "finetune_model", "MODES"]
+__all__ = ["MODES", "FinetuneSetup", "add_finetune_flags", "finetune_setup", "run_finetune"]
 
 MODES = ("qaft", "lora", "fp")
 
 
-def add_finetune_args(p: argparse.ArgumentParser) -> None:
+@dataclass(frozen=True)
+class FinetuneSetup:
+    mode: str
+    train: TrainConfig
+    qaft: QAFTConfig | None = None
+    lora: LoraOptions | None = None
+    gptq: GPTQOptions | None = None
+
+
+def add_finetune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="qaft",
                    help="qaft: fake-quant STE fine-tuning; lora: LoRA on a frozen quantized "
                         "base, merged and re-quantized; fp: the FP control (default: qaft)")
-    p.add_argument("--init", choices=["rtn", "mse", "gptq"], default="rtn",
-                   help="where quantization starts: RTN min/max, MSE-clipped RTN, or the GPTQ "
-                        "solution on the same budget (default: rtn)")
-    p.add_argument("--scale-mode", choices=list(qaft.SCALE_MODES), default=None,
-                   help="qaft scales: dynamic (min/max each step), fixed, learned (LSQ); "
-                        "default dynamic, or fixed with --init gptq")
-    p.add_argument("--clipped-ste", action=argparse.BooleanOptionalAction, default=True,
-                   help="no gradient outside each block's range (default: on)")
-    for f in dataclasses.fields(TrainConfig):
-        add_field_flag(p, f, "training")
-    for f in dataclasses.fields(LoraOptions):
-        if f.name != "dropout":
-            add_field_flag(p, f, "lora")
+    add_dataclass_flags(p.add_argument_group("training"), TrainConfig)
+    add_dataclass_flags(p.add_argument_group("QAFT (--mode qaft)"), QAFTConfig)
+    add_dataclass_flags(p.add_argument_group("LoRA (--mode lora)"), LoraOptions, prefix="lora")
+    add_dataclass_flags(p.add_argument_group("GPTQ start (--init gptq / --lora-init gptq)"),
+                        GPTQOptions, prefix="gptq")
 
 
-def finetune_model(model: nn.Module, calib: torch.Tensor, spec: str | None, args, *,
-                   local_inputs=None, eval_fn=None, progress: bool = True):
-    """Fine-tune `model` in place on `calib` as args say; returns (model, codes or None,
-    TrainResult, info). With mode qaft/lora the returned model holds grid weights."""
-    cfg = dataclass_from_args(TrainConfig, args)
-    info = {"mode": args.mode, "train": dataclasses.asdict(cfg)}
-    t0 = time.perf_counter()
-    if args.mode == "fp":
-        result = finetune(model, calib, cfg, eval_fn=eval_fn, progress=progress)
-        info["seconds"] = time.perf_counter() - t0
-        return model, None, result, info
-    spec = parse_spec(spec)
-    init = args.init
-    if args.init == "gptq":  # start where GPTQ ends, on the same budget
-        init = quantize_sequential(model, calib, spec, "gptq", GPTQOptions(),
-                                   progress=progress).quantized
-        info["gptq_seconds"] = time.perf_counter() - t0
-    if args.mode == "lora":
-        lora = dataclass_from_args(LoraOptions, args)
-        peft_model = prepare_lora(model, spec, lora, init=init if isinstance(init, dict)
-                                  else None)
-        result = finetune(peft_model, calib, cfg, eval_fn=eval_fn, progress=progress)
-        model, codes = merge_and_requantize(peft_model, spec)
-        info.update(lora=dataclasses.asdict(lora), note=MERGED_NOTE)
-    else:
-        scale_mode = args.scale_mode or ("fixed" if isinstance(init, dict) else "dynamic")
-        qaft.prepare(model, spec, init=init, scale_mode=scale_mode, clipped_ste=args.clipped_ste)
-        result = finetune(model, calib, cfg, local_inputs=local_inputs, eval_fn=eval_fn,
-                          progress=progress)
-        codes = qaft.convert(model)
-        info.update(scale_mode=scale_mode, clipped_ste=args.clipped_ste, init=args.init)
-    info["seconds"] = time.perf_counter() - t0
-    return model, codes, result, info
+def _refuse(given: dict, prefix: str, why: str) -> None:
+    if given:
+        flags = ", ".join(flag_name(k, prefix) for k in given)
+        raise OptionsError(f"{flags}: {why}")
+
+
+def finetune_setup(args) -> FinetuneSetup:
+    """The dataclasses the flags describe; flags that do not apply are errors."""
+    mode = args.mode
+    q_given = given_fields(QAFTConfig, args)
+    l_given = given_fields(LoraOptions, args, prefix="lora")
+    g_given = given_fields(GPTQOptions, args, prefix="gptq")
+    train = from_args(TrainConfig, args)
+    if mode != "qaft":
+        _refuse(q_given, "", f"QAFT options do not apply to --mode {mode}")
+    if mode != "lora":
+        _refuse(l_given, "lora", f"LoRA options do not apply to --mode {mode}")
+    q = QAFTConfig(**q_given) if mode == "qaft" else None
+    lora = LoraOptions(**l_given) if mode == "lora" else None
+    starts_from_gptq = (q is not None and q.init == "gptq") or (lora is not None
+                                                               and lora.init == "gptq")
+    if not starts_from_gptq:
+        _refuse(g_given, "gptq", "GPTQ options apply only with --init gptq (qaft) or "
+                                 "--lora-init gptq (lora)")
+    gptq = GPTQOptions(**g_given) if starts_from_gptq else None
+    return FinetuneSetup(mode, train, q, lora, gptq)
+
+
+def run_finetune(model, blocks, spec: str | None, setup: FinetuneSetup, *, local_inputs=None,
+                 eval_fn=None, progress: bool = True, **train_kwargs) -> FinetuneResult:
+    """Fine-tune `model` in place as `setup` says (one qaft call per mode)."""
+    if (setup.mode == "fp") != (spec is None):
+        raise OptionsError("give --spec with --mode qaft or lora, and no --spec with --mode fp")
+    if setup.mode == "fp":
+        return qaft.finetune_fp(model, blocks, setup.train, eval_fn=eval_fn, progress=progress,
+                                **train_kwargs)
+    if setup.mode == "lora":
+        return qaft.finetune_lora(model, blocks, spec, setup.lora, setup.train, gptq=setup.gptq,
+                                  eval_fn=eval_fn, progress=progress, **train_kwargs)
+    return qaft.finetune_qaft(model, blocks, spec, setup.qaft, setup.train, gptq=setup.gptq,
+                              local_inputs=local_inputs, eval_fn=eval_fn, progress=progress,
+                              **train_kwargs)

@@ -29,7 +29,6 @@ import time
 import zlib
 from pathlib import Path
 
-import torch
 
 from compare.alignment import first_crossing
 from compare.data import DataBudget, load_text, tokenize
@@ -40,17 +39,18 @@ from compare.models import load_model
 from compare.probes import (heldout_hessians, nll_along, one_layer_sensitivity, probe,
                             random_direction, random_radius, solution_weights,
                             swapped_weights)
-from ptq.apply import linear_weight, quantizable_linears, quantize_model
+import qaft
+from ptq import quantize_model
 from ptq.arch import block_prefix, decoder_blocks
 from ptq.formats import parse_spec
-from ptq.metrics import layer_loss, relative_output_error_from_hessian
 from ptq.gptq import GPTQOptions
+from ptq.layers import linear_weight, quantizable_linears
+from ptq.metrics import layer_loss, relative_output_error_from_hessian
 from ptq.registry import get_method
-from ptq.sequential import quantize_sequential
-from recipes.common import resolve_device, versions
-from recipes.finetune import finetune_model
-from recipes.misalignment_config import (PRESETS, ConfigError, MisalignmentConfig,
-                                         add_config_flags, load_config, parse_variant)
+from recipes.common import ConfigError, out_folder, resolve_device, versions
+from recipes.flags import given_fields
+from recipes.misalignment_config import (PRESETS, MisalignmentConfig, add_config_flags,
+                                         load_config, parse_variant)
 from recipes.misalignment_report import SCHEMA, SCHEMA_DOC, write_outputs
 
 __all__ = ["Plan", "plan_runs", "run_study", "run", "build_parser", "config_from_args", "main"]
@@ -130,12 +130,6 @@ class Study:
         return {k: p[k] for k in ("nll", "local_fp_mean", "local_prop_mean", "distance")}
 
 
-def _train_args(cfg: MisalignmentConfig, mode: str) -> argparse.Namespace:
-    return argparse.Namespace(mode=mode, init="rtn", scale_mode=None, clipped_ste=True,
-                              lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed,
-                              eval_every=cfg.checkpoint_every)
-
-
 def _train_layers_only(model, names: list[str]) -> None:
     """Freeze everything except the selected layers' weights (embeddings, norms, head)."""
     keep = {id(linear_weight(model.get_submodule(n))) for n in names}
@@ -158,9 +152,15 @@ def solve(study: Study, plan: Plan, model) -> dict:
         start_weights = study.rtn_weights(plan.spec) if mode == "qaft" else {}
         with swapped_weights(model, start_weights):
             start = {"step": 0, "tokens_processed": 0, **study.checkpoint(model)}
-        model, _, train, _ = finetune_model(model, study.calib, plan.spec if mode == "qaft"
-                                            else None, _train_args(cfg, mode),
-                                            eval_fn=study.checkpoint, progress=study.progress)
+        train = qaft.TrainConfig(lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed,
+                                 eval_every=cfg.checkpoint_every)
+        if mode == "qaft":
+            res = qaft.finetune_qaft(model, study.calib, plan.spec, qaft.QAFTConfig(), train,
+                                     eval_fn=study.checkpoint, progress=study.progress)
+        else:
+            res = qaft.finetune_fp(model, study.calib, train, eval_fn=study.checkpoint,
+                                   progress=study.progress)
+        train = res.train
         keys = ("step", "tokens_processed", "unique_tokens", "loss", "seconds", "nll",
                 "local_fp_mean", "local_prop_mean", "distance")
         out["trajectory"] = [start] + [{k: r[k] for k in keys if k in r}
@@ -169,7 +169,7 @@ def solve(study: Study, plan: Plan, model) -> dict:
                    steps=train.steps)
         return out
     method = get_method(plan.method)
-    if not method.needs_hessian:
+    if not method.needs_data:
         quantize_model(model, plan.spec, plan.method, progress=False)
         return out
     options, _ = (parse_variant(plan.variant, cfg.granularity) if plan.variant
@@ -182,10 +182,10 @@ def solve(study: Study, plan: Plan, model) -> dict:
             out["trajectory"].append({"block": k, "calib_rel_sum": sum(
                 r.rel_output_error for r in rows), **study.checkpoint(model)})
 
-    res = quantize_sequential(model, study.calib, plan.spec, plan.method, options,
-                              progress=study.progress, on_block=on_block)
+    res = quantize_model(model, plan.spec, plan.method, options, calib=study.calib,
+                         progress=study.progress, on_block=on_block)
     out["calibration_layers"] = [{"name": r.name, "proxy_loss": r.proxy_loss,
-                                  "calib_rel_err": r.rel_output_error} for r in res.rows]
+                                  "calib_rel_err": r.rel_output_error} for r in res.layers]
     out.update(unique_tokens=study.budget.unique_tokens,
                tokens_processed=study.budget.unique_tokens)
     return out
@@ -272,8 +272,8 @@ def _load_state(path: Path, cfg: MisalignmentConfig, fresh: bool) -> dict:
     previous = None if fresh else read_json(path)
     if previous is not None:
         if previous.get("config") != config:
-            raise SystemExit(f"{path} holds results of another config; use another --out, or "
-                             "--fresh to discard them")
+            raise ConfigError(f"{path} holds results of another config; use another --out, or "
+                              "--fresh to discard them")
         return previous
     return {"schema": SCHEMA, "config": config, "versions": versions(), "fp_probe_nll": None,
             "runs": {}, "sensitivity": {}, "radius": None, "timings": {}}
@@ -282,11 +282,10 @@ def _load_state(path: Path, cfg: MisalignmentConfig, fresh: bool) -> dict:
 def run_study(cfg: MisalignmentConfig, out: Path, *, device: str = "auto", fresh: bool = False,
               progress: bool = True) -> dict:
     """The whole recipe (module docstring); returns the results.json state."""
-    out = Path(out)
+    out = out_folder(out)
     path = out / "results.json"
     state = _load_state(path, cfg, fresh)
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
     study = Study(cfg, resolve_device(device), progress)
     state["fp_probe_nll"] = study.fp_probe_nll
     state["budget"] = {**dataclasses.asdict(study.budget),
@@ -339,12 +338,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def config_from_args(args) -> MisalignmentConfig:
-    names = {f.name for f in dataclasses.fields(MisalignmentConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
-    try:
-        return load_config(args.preset, args.config, overrides)
-    except (ConfigError, ValueError) as e:
-        raise SystemExit(f"misalignment: {e}") from None
+    return load_config(args.preset, args.config, given_fields(MisalignmentConfig, args))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -356,7 +350,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> None:
-    run(build_parser().parse_args(argv))
+    from recipes.cli import run_or_exit
+
+    run_or_exit(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,22 +8,18 @@ an error naming the known ones. Files are read with yaml.safe_load.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ptq.errors import QalignError
 from ptq.formats import parse_spec
 from ptq.gptq import GPTQOptions
 from ptq.registry import METHODS
-
+from recipes.common import ConfigError
+from recipes.flags import add_dataclass_flags, coerce, field_types
 
 __all__ = ["MisalignmentConfig", "PRESETS", "ConfigError", "parse_variant", "load_config",
            "add_config_flags"]
-
-
-class ConfigError(QalignError):
-    """A recipe configuration that cannot run, with what to change."""
 
 
 def _f(default, help_text):
@@ -36,11 +32,11 @@ def _f(default, help_text):
 class MisalignmentConfig:
     model: str = _f("smollm2-135m", "embedded name, local model folder or hub id")
     data: str = _f("wiki", "text: wiki (embedded), a local file/folder, or hf:NAME[:CONFIG]")
-    bits: tuple = _f((2, 3, 4), "integer bit widths")
+    bits: tuple[int, ...] = _f((2, 3, 4), "integer bit widths")
     granularity: str = _f("g64", "ch, t or gN (groups of N inputs)")
-    methods: tuple = _f(("rtn", "gptq", "qaft"),
-                        "rtn, gptq, qaft and any registered PTQ method, per bit width")
-    gptq_variants: tuple = _f(("act_order=false",),
+    methods: tuple[str, ...] = _f(("rtn", "gptq", "qaft"),
+                                  "rtn, gptq, qaft and any registered PTQ method, per bit width")
+    gptq_variants: tuple[str, ...] = _f(("act_order=false",),
                               "extra GPTQ solutions, each KEY=VALUE over GPTQOptions fields or "
                               "granularity=gN, e.g. damp=0.1 act_order=false granularity=g128")
     samples: int = _f(16, "data budget: token blocks (GPTQ calibration = QAFT training data)")
@@ -55,7 +51,8 @@ class MisalignmentConfig:
     checkpoint_every: int = _f(8, "QAFT / FP-control optimizer steps between probes")
     trajectory_every: int = _f(5, "GPTQ decoder blocks between probes")
     sensitivity_stride: int = _f(6, "one-layer sensitivity on the layers of every k-th block")
-    landscape_t: tuple = _f((0.25, 0.5, 1.0, 1.5), "t of the landscape points W + t (W_hat - W)")
+    landscape_t: tuple[float, ...] = _f((0.25, 0.5, 1.0, 1.5),
+                                        "t of the landscape points W + t (W_hat - W)")
     radius_ppl_ratio: float = _f(1.1, "the radius is where perplexity reaches FP x this ratio")
     batch_size: int = _f(2, "evaluation batch (windows)")
 
@@ -82,10 +79,11 @@ class MisalignmentConfig:
         if self.probe_tokens < self.eval_seq_len or self.eval_tokens < self.probe_tokens:
             raise ConfigError(f"need eval_seq_len ({self.eval_seq_len}) <= probe_tokens "
                               f"({self.probe_tokens}) <= eval_tokens ({self.eval_tokens})")
-        if not self.landscape_t or any(t <= 0 for t in self.landscape_t):
+        if not self.landscape_t or any(not 0 < t < math.inf for t in self.landscape_t):
             raise ConfigError(f"landscape_t={list(self.landscape_t)}: give positive values")
-        if self.radius_ppl_ratio <= 1 or self.lr <= 0:
-            raise ConfigError("need radius_ppl_ratio > 1 and lr > 0")
+        if not (1 < self.radius_ppl_ratio < math.inf and 0 < self.lr < math.inf):
+            raise ConfigError(f"radius_ppl_ratio={self.radius_ppl_ratio}, lr={self.lr}: need "
+                              "radius_ppl_ratio > 1 and lr > 0, both finite")
 
     def spec(self, bits: int, granularity: str | None = None) -> str:
         return str(parse_spec(f"int{bits}-{granularity or self.granularity}"))
@@ -104,17 +102,9 @@ PRESETS = {
 }
 
 
-def _parse_value(text: str, kind):
-    if kind in ("bool", bool):
-        if text.lower() not in ("true", "false"):
-            raise ConfigError(f"{text!r} is not true/false")
-        return text.lower() == "true"
-    return {"int": int, "float": float}.get(kind, str)(text)
-
-
 def parse_variant(text: str, granularity: str) -> tuple[GPTQOptions, str]:
     """'KEY=VALUE[,KEY=VALUE]' -> (GPTQOptions, granularity)."""
-    fields = {f.name: f.type for f in dataclasses.fields(GPTQOptions)}
+    fields = field_types(GPTQOptions)
     overrides = {}
     for part in text.split(","):
         key, sep, value = part.partition("=")
@@ -125,10 +115,7 @@ def parse_variant(text: str, granularity: str) -> tuple[GPTQOptions, str]:
         if key == "granularity":
             granularity = value.strip()
             continue
-        try:
-            overrides[key] = _parse_value(value.strip(), fields[key])
-        except ValueError as e:
-            raise ConfigError(f"GPTQ variant {text!r}: {e}") from None
+        overrides[key] = coerce(value.strip(), fields[key], f"GPTQ variant {text!r}")
     return GPTQOptions(**overrides), granularity
 
 
@@ -136,39 +123,31 @@ def load_config(preset: str = "quick", yaml_path: Path | None = None,
                 overrides: dict | None = None) -> MisalignmentConfig:
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-    known = {f.name for f in dataclasses.fields(MisalignmentConfig)}
+    types = field_types(MisalignmentConfig)
     values = {}
     if yaml_path is not None:
         import yaml
 
-        loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the "
+                              "file") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{yaml_path}: a recipe file is a mapping of config keys")
-        unknown = sorted(set(loaded) - known - {"preset"})
+            raise ConfigError(f"{path}: a recipe file is a mapping of config keys")
+        unknown = sorted(set(loaded) - set(types) - {"preset"})
         if unknown:
-            raise ConfigError(f"{yaml_path}: unknown key(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(types)}")
         preset = loaded.pop("preset", preset)
         if preset not in PRESETS:
-            raise ConfigError(f"{yaml_path}: unknown preset {preset!r}; known: {sorted(PRESETS)}")
-        values = loaded
-    merged = {**PRESETS[preset], **values, **(overrides or {})}
-    try:
-        return MisalignmentConfig(**merged)
-    except TypeError as e:  # wrong value types from YAML
-        raise ConfigError(f"bad recipe config: {e}") from None
+            raise ConfigError(f"{path}: unknown preset {preset!r}; known: {sorted(PRESETS)}")
+        values = {k: coerce(v, types[k], f"{path}: {k}") for k, v in loaded.items()}
+    return MisalignmentConfig(**{**PRESETS[preset], **values, **(overrides or {})})
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per config field (lists take several values), set only when given."""
-    for f in dataclasses.fields(MisalignmentConfig):
-        flag = "--" + f.name.replace("_", "-")
-        text = f"{f.metadata['help']} (quick preset: {_show(f.default)})"
-        if isinstance(f.default, tuple):
-            item = type(f.default[0]) if f.default else str
-            p.add_argument(flag, nargs="*", type=item, default=argparse.SUPPRESS, help=text)
-        else:
-            p.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, help=text)
-
-
-def _show(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    add_dataclass_flags(p, MisalignmentConfig, default_label="quick preset")

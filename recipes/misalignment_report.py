@@ -1,6 +1,7 @@
-"""Summary, plots and report of the misalignment recipe, from its results.json state alone.
+"""Plots and report of the misalignment recipe, from its results.json state alone.
 
-SCHEMA_DOC below documents results.json; `write_outputs` adds the `alignment` summary and writes
+SCHEMA_DOC below documents results.json; `write_outputs` adds the `alignment` summary
+(compare.alignment.summarize_alignment) and writes
 results.json, layers.csv, the PNG plots and report.md, all atomically.
 """
 
@@ -8,13 +9,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from statistics import mean, median
 
-from compare.alignment import rank_correlation
+from compare.alignment import runs_at, summarize_alignment
 from compare.io import atomic_write_text, write_csv, write_json
 from compare.plots import new_figure, save_figure
 
-__all__ = ["SCHEMA", "SCHEMA_DOC", "summarize", "write_outputs"]
+__all__ = ["SCHEMA", "SCHEMA_DOC", "write_outputs"]
 
 SCHEMA = "qalign.misalignment/1"
 
@@ -53,57 +53,6 @@ Correlations are null where undefined (fewer than 3 points or a constant side)."
 
 MAIN = ("rtn", "gptq", "qaft")
 COLORS = {"rtn": "tab:red", "gptq": "tab:blue", "qaft": "tab:green", "fp-ft": "tab:gray"}
-
-
-def _runs_at(state: dict, bits: int) -> list[dict]:
-    return [r for r in state["runs"].values() if r["bits"] == bits]
-
-
-def _qaft_points(run: dict) -> list[dict]:
-    """QAFT checkpoints other than the start (= RTN) and the end (= the run itself)."""
-    return [p for p in run["trajectory"] if 0 < p["step"] < run["budget"]["steps"]]
-
-
-def summarize(state: dict) -> dict:
-    out = {}
-    for b in state["config"]["bits"]:
-        runs = _runs_at(state, b)
-        sens = state["sensitivity"].get(str(b))
-        layers = sens["layers"] if sens else []
-        s = {"per_layer": rank_correlation([r["rel_err_fp"] for r in layers],
-                                           [r["delta_nll"] for r in layers]),
-             "per_layer_proxy": rank_correlation([r["proxy_loss"] for r in layers],
-                                                 [r["delta_nll"] for r in layers])}
-        local = [r["metrics"]["local_fp_mean"] for r in runs]
-        glob = [r["metrics"]["probe_nll"] for r in runs]
-        for r in runs:
-            if r["method"] == "qaft":
-                local += [p["local_fp_mean"] for p in _qaft_points(r)]
-                glob += [p["nll"] for p in _qaft_points(r)]
-        s["across_solutions"] = rank_correlation(local, glob)
-        qaft = next((r["trajectory"] for r in runs if r["method"] == "qaft"), [])
-        s["qaft_trajectory"] = rank_correlation([p["local_fp_mean"] for p in qaft],
-                                                [p["nll"] for p in qaft])
-        # both only grow as GPTQ goes down the blocks; what each block adds is what can disagree
-        gptq = [{"local_fp_mean": 0.0, "nll": state["fp_probe_nll"]}] + next(
-            (r["trajectory"] for r in runs if r["method"] == "gptq" and not r["variant"]), [])
-        s["gptq_trajectory"] = rank_correlation(
-            [b["local_fp_mean"] - a["local_fp_mean"] for a, b in zip(gptq, gptq[1:])],
-            [b["nll"] - a["nll"] for a, b in zip(gptq, gptq[1:])])
-        s["grad_cosine"] = {}
-        s["landscape"] = {}
-        for r in runs:
-            cos = [x["grad_cosine"] for x in r["layers"] if x.get("grad_cosine") is not None]
-            if cos:
-                s["grad_cosine"][r["method"]] = {"mean": mean(cos), "median": median(cos)}
-            if r["landscape"]:
-                s["landscape"][r["method"]] = {
-                    "distance": r["metrics"]["distance"],
-                    "radius_solution": r["landscape"]["radius_solution"],
-                    "radius_random_same_norm": r["landscape"]["radius_random_same_norm"]}
-        s["perplexity"] = {r["id"].split("/")[0]: r["metrics"]["perplexity"] for r in runs}
-        out[str(b)] = s
-    return out
 
 
 def _fmt(x, digits=2) -> str:
@@ -181,7 +130,7 @@ def plot_sensitivity(state, path, summary):
 def plot_solutions(state, path, summary):
     fig, panels = _panels(state, 3.6)
     for ax, b in panels:
-        for r in _runs_at(state, b):
+        for r in runs_at(state, b):
             m = r["metrics"]
             color = COLORS.get(r["method"], "tab:purple")
             ax.scatter(m["local_fp_mean"], m["probe_nll"], color=color,
@@ -204,7 +153,7 @@ def plot_trajectories(state, path):
     control = state["runs"].get("fp-ft")
     for ax, b in panels:
         twin = ax.twinx()
-        for r in _runs_at(state, b):
+        for r in runs_at(state, b):
             if r["method"] == "qaft":
                 t = r["trajectory"]
                 x = [p["tokens_processed"] for p in t]
@@ -242,7 +191,7 @@ def plot_gptq_trajectory(state, path):
 def plot_landscape(state, path):
     fig, panels = _panels(state, 3.6)
     for ax, b in panels:
-        for r in _runs_at(state, b):
+        for r in runs_at(state, b):
             land = r["landscape"]
             if not land:
                 continue
@@ -263,7 +212,7 @@ def plot_landscape(state, path):
 def plot_grad_cosine(state, path):
     fig, panels = _panels(state, 3.4)
     for ax, b in panels:
-        for r in _runs_at(state, b):
+        for r in runs_at(state, b):
             cos = [x.get("grad_cosine") for x in r["layers"]]
             if any(c is not None for c in cos):
                 ax.plot(range(len(cos)), [math.nan if c is None else c for c in cos], lw=0.8,
@@ -363,7 +312,7 @@ def report(state: dict, summary: dict) -> str:
                          f"{_fmt(land['radius_random_same_norm'], 4)} |")
     lines += ["", "## Findings", ""]
     for b, s in summary.items():
-        lines += [_findings(int(b), s, _runs_at(state, int(b)), fp, ft), ""]
+        lines += [_findings(int(b), s, runs_at(state, int(b)), fp, ft), ""]
     lines += ["## Plots", ""]
     for name, caption in PLOTS.items():
         lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
@@ -372,7 +321,7 @@ def report(state: dict, summary: dict) -> str:
 
 def write_outputs(state: dict, out: Path) -> None:
     out = Path(out)
-    summary = summarize(state)
+    summary = summarize_alignment(state)
     state["alignment"] = summary
     write_json(out / "results.json", state)
     write_csv(out / "layers.csv", layer_rows(state))

@@ -16,18 +16,18 @@ import dataclasses
 import time
 from pathlib import Path
 
-from compare.data import DataBudget, load_text, tokenize
+from compare.data import load_text, tokenize
 from compare.evaluate import eval_windows, evaluate_nll
 from compare.io import atomic_write_text, write_json
 from compare.memory import PeakRSS
 from compare.plots import new_figure, save_figure
 from compare.models import load_model
-from ptq.apply import quantize_model
+from ptq import quantize_model
 from ptq.formats import parse_spec
 from ptq.registry import get_method
-from ptq.sequential import quantize_sequential
-from recipes.common import WeightSnapshot, finished_rows, resolve_device, versions
-from recipes.quantization import add_budget_args, add_method_args, options_for
+from recipes.common import WeightSnapshot, finished_rows, out_folder, resolve_device, versions
+from recipes.flags import from_args
+from recipes.quantization import CalibConfig, add_calib_flags, add_method_flags, method_options
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -44,8 +44,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--granularity", nargs="+", default=["ch", "g64"],
                    help="scaling granularities: ch, t or gN (default: ch g64)")
     p.add_argument("--sym", action="store_true", help="symmetric grids (int{b}-sym)")
-    p.add_argument("--seq-len", type=int, default=512,
-                   help="calibration block length and evaluation window (default: 512)")
     p.add_argument("--max-tokens", type=int, default=16384,
                    help="held-out tokens evaluated (default: 16384)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
@@ -53,8 +51,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="output folder (default: results/ptq-table)")
     p.add_argument("--fresh", action="store_true",
                    help="discard finished rows in --out instead of resuming")
-    add_budget_args(p)
-    add_method_args(p, spec_required=False, with_method=False)
+    add_calib_flags(p)  # --seq-len: calibration block length and evaluation window
+    add_method_flags(p, with_method=False)
     return p
 
 
@@ -90,15 +88,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def run(args) -> dict:
-    methods = [get_method(m).name for m in args.methods]  # unknown names fail here
-    options = {m: options_for(m, args, among=methods) for m in methods}
-    budget = DataBudget(args.samples, args.seq_len, args.seed)
+    methods = list(dict.fromkeys(args.methods))
+    options = method_options(args, methods)  # unknown names and foreign flags fail here
+    calib_cfg = from_args(CalibConfig, args)
+    budget = calib_cfg.budget
+    specs = specs_of(args)
+    out = out_folder(args.out)
     config = {"recipe": "ptq-table", "model": args.model, "data": args.data,
-              "seq_len": args.seq_len, "max_tokens": args.max_tokens,
-              "budget": dataclasses.asdict(budget), "true_sequential": args.true_sequential,
-              "propagate": args.propagate,
+              "seq_len": budget.seq_len, "max_tokens": args.max_tokens,
+              "budget": dataclasses.asdict(budget), "true_sequential": calib_cfg.true_sequential,
+              "propagate": calib_cfg.propagate,
               "options": {m: dataclasses.asdict(o) for m, o in options.items()}}
-    out: Path = args.out
     results_path = out / "results.json"
     rows = finished_rows(results_path, config, args.fresh)
     done = {(r["method"], r["spec"]) for r in rows}
@@ -106,29 +106,28 @@ def run(args) -> dict:
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device=device)
     text = load_text(args.data)
-    windows = eval_windows(tokenize(tokenizer, text.heldout), args.seq_len, args.max_tokens)
+    windows = eval_windows(tokenize(tokenizer, text.heldout), budget.seq_len, args.max_tokens)
     calib = budget.blocks(tokenize(tokenizer, text.train))
     snapshot = WeightSnapshot(model)
     result = {"config": config, "versions": versions(), "device": device, "rows": rows}
 
-    todo = [("fp", "fp32")] + [(m, s) for s in specs_of(args) for m in methods]
+    todo = [("fp", "fp32")] + [(m, s) for s in specs for m in methods]
     for method, spec in todo:
         if (method, spec) in done:
             continue
         snapshot.restore()
         t0 = time.perf_counter()
         with PeakRSS() as mem:
-            if method == "fp":
-                pass
-            elif get_method(method).needs_hessian:
-                quantize_sequential(model, calib, spec, method, options[method],
-                                    true_sequential=args.true_sequential,
-                                    propagate=args.propagate, batch_size=args.calib_batch_size)
-            else:
-                quantize_model(model, spec, method, options[method])
+            if method != "fp":
+                uses_data = get_method(method).needs_data
+                quantize_model(model, spec, method, options[method],
+                               calib=calib if uses_data else None,
+                               true_sequential=calib_cfg.true_sequential and uses_data,
+                               propagate=calib_cfg.propagate if uses_data else "quantized",
+                               batch_size=calib_cfg.calib_batch_size)
         q_seconds = time.perf_counter() - t0
         ev = evaluate_nll(model, windows, desc=f"eval {method} {spec}")
-        uses_data = method != "fp" and get_method(method).needs_hessian
+        uses_data = method != "fp" and get_method(method).needs_data
         rows.append({"method": method, "spec": spec, "nll": ev.nll, "perplexity": ev.perplexity,
                      "scored_tokens": ev.scored_tokens,
                      "calibration_tokens": budget.unique_tokens if uses_data else 0,
@@ -152,7 +151,9 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> None:
-    run(build_parser().parse_args(argv))
+    from recipes.cli import run_or_exit
+
+    run_or_exit(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

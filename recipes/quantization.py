@@ -1,140 +1,131 @@
-"""Command-line wiring of PTQ: method selection, options and the calibration budget.
+"""Command-line wiring of PTQ: method selection, each method's options, the calibration budget.
 
-Every field of every registered method's options dataclass becomes a flag (`--block-size`,
-`--act-order`, ...), with the field's metadata["help"]; a flag that the chosen method does not
-have is an error. Methods that need a Hessian get a `DataBudget` of `--samples x --seq-len`
-tokens from the train split of `--data`, and go through the block-by-block driver.
+Every registered method's options dataclass becomes a group of flags in the method's own
+namespace (`--gptq-damp`, `--gptq-act-order`, `--rtn-clip-search`, ...; recipes.flags); a flag of
+a method that is not selected is an error. Methods that calibrate get a `DataBudget` of
+`--samples x --seq-len` tokens from the train split of `--data` and `ptq.quantize_model` runs
+them block by block; the budget flags are refused for a data-free method.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
+from dataclasses import dataclass, field
 
-from compare.data import DataBudget, load_text, tokenize
-from ptq.apply import quantize_model
-from ptq.formats import parse_spec
+from compare.data import DataBudget, TextSplits, tokenize
+from ptq import PTQResult, quantize_model
+from ptq.errors import OptionsError
+from ptq.formats import QuantSpec
 from ptq.registry import METHODS, get_method
-from ptq.sequential import quantize_sequential
+from recipes.flags import add_dataclass_flags, flag_name, from_args, given_fields
 
-__all__ = ["add_field_flag", "dataclass_from_args", "add_method_args", "add_budget_args", "options_for", "method_options", "run_ptq",
-           "layer_table"]
-
-_TYPES = {"int": int, "float": float, "str": str}
+__all__ = ["CalibConfig", "add_method_flags", "add_calib_flags", "method_options",
+           "calib_config", "run_ptq", "layer_table"]
 
 
-def _option_fields() -> dict[str, dataclasses.Field]:
-    fields = {}
-    for method in METHODS.values():
-        for f in dataclasses.fields(method.options):
-            fields.setdefault(f.name, f)
-    return fields
+@dataclass(frozen=True)
+class CalibConfig:
+    """The calibration budget and how the block-by-block driver uses it."""
+
+    samples: int = field(default=128, metadata={
+        "help": "calibration budget: number of token blocks"})
+    seq_len: int = field(default=512, metadata={"help": "calibration block length in tokens"})
+    seed: int = field(default=0, metadata={"help": "seed of the calibration draw"})
+    true_sequential: bool = field(default=False, metadata={
+        "help": "calibrate each group of layers after the earlier groups are quantized"})
+    propagate: str = field(default="quantized", metadata={
+        "help": "feed each block the quantized or the FP previous block's outputs"})
+    calib_batch_size: int = field(default=8, metadata={"help": "calibration blocks per forward"})
+
+    def __post_init__(self):
+        if self.samples < 1 or self.seq_len < 2 or self.calib_batch_size < 1:
+            raise OptionsError(f"calibration {self.samples} x {self.seq_len}, batch "
+                               f"{self.calib_batch_size}: need samples >= 1, seq_len >= 2, "
+                               "batch >= 1")
+        if self.propagate not in ("quantized", "fp"):
+            raise OptionsError(f"--propagate {self.propagate}: use quantized or fp")
+
+    @property
+    def budget(self) -> DataBudget:
+        return DataBudget(self.samples, self.seq_len, self.seed)
 
 
-def add_field_flag(p: argparse.ArgumentParser, f: dataclasses.Field, owners: str = "") -> None:
-    """One flag for one dataclass field: --field-name, help from metadata["help"], not set unless
-    given (so the dataclass keeps its own default); bools get --x / --no-x."""
-    flag = "--" + f.name.replace("_", "-")
-    text = f"{f.metadata.get('help', f.name)} ({owners + '; ' if owners else ''}default {f.default})"
-    if f.type in ("bool", bool):
-        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                       help=text)
-    else:
-        p.add_argument(flag, type=_TYPES.get(f.type, str), default=argparse.SUPPRESS, help=text)
-
-
-def dataclass_from_args(cls, args, **overrides):
-    """An instance of cls from the flags that add_field_flag made and the user gave."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    return cls(**{**given, **overrides})
-
-
-def add_method_args(p: argparse.ArgumentParser, spec_required: bool,
-                    with_method: bool = True) -> None:
-    """--spec, --method and one flag per field of every registered method's options."""
+def add_method_flags(p: argparse.ArgumentParser, *, with_method: bool = True,
+                     spec_required: bool = False) -> None:
+    """--spec and --method (unless with_method is False), and one group of flags per registered
+    method, in that method's namespace."""
     if with_method:
         p.add_argument("--spec", required=spec_required,
                        help="quantization spec, e.g. int3-g64, int4-sym-ch, e2m1-g32")
         p.add_argument("--method", default="rtn",
                        help=f"registered PTQ method (default: rtn; have: "
                             f"{', '.join(sorted(METHODS))})")
-    for name, f in _option_fields().items():
-        owners = [m.name for m in METHODS.values()
-                  if name in {x.name for x in dataclasses.fields(m.options)}]
-        add_field_flag(p, f, ", ".join(owners))
+    for name, method in sorted(METHODS.items()):
+        if dataclasses.fields(method.options):
+            group = p.add_argument_group(f"options of method {name}")
+            add_dataclass_flags(group, method.options, prefix=name)
 
 
-def add_budget_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", type=int, default=128,
-                   help="calibration budget: number of token blocks (default: 128)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default: 0)")
-    p.add_argument("--true-sequential", action="store_true",
-                   help="calibrate each group of layers after the earlier groups are quantized")
-    p.add_argument("--propagate", choices=["quantized", "fp"], default="quantized",
-                   help="feed each block the quantized (default) or FP previous block's outputs")
-    p.add_argument("--calib-batch-size", type=int, default=8,
-                   help="calibration blocks per forward pass (default: 8)")
+def add_calib_flags(p, exclude=()) -> None:
+    group = p.add_argument_group("calibration (methods that calibrate)")
+    add_dataclass_flags(group, CalibConfig, exclude=exclude)
 
 
-def options_for(method_name: str, args, among: list[str] | None = None):
-    """Options of one method from the flags given. A flag that none of the methods in `among`
-    (default: just this one) has is an error; flags of the other methods are left to them."""
-    method = get_method(method_name)
-    own = {f.name for f in dataclasses.fields(method.options)}
-    among = among or [method_name]
-    known = {f.name for m in among for f in dataclasses.fields(get_method(m).options)}
-    given = {name: getattr(args, name) for name in _option_fields() if hasattr(args, name)}
-    foreign = sorted(set(given) - known)
-    if foreign:
-        flags = ", ".join("--" + n.replace("_", "-") for n in foreign)
-        raise SystemExit(f"{flags}: not an option of method(s) {', '.join(among)} "
-                         f"(their options: {sorted(known) or 'none'})")
-    return method.make_options(**{k: v for k, v in given.items() if k in own})
+def method_options(args, chosen: list[str]) -> dict:
+    """{method: options} for the chosen methods from their flags; a flag of any other
+    registered method is an error naming the methods it belongs to."""
+    for m in chosen:
+        get_method(m)  # unknown names fail here
+    for name, method in METHODS.items():
+        given = given_fields(method.options, args, prefix=name)
+        if given and name not in chosen:
+            flags = ", ".join(flag_name(k, name) for k in given)
+            raise OptionsError(f"{flags}: option(s) of method {name}, which this run does not "
+                               f"use (methods: {', '.join(chosen)})")
+    return {m: from_args(get_method(m).options, args, prefix=m) for m in chosen}
 
 
-def method_options(args):
-    return options_for(args.method, args)
+def calib_config(args, method: str, **overrides) -> CalibConfig | None:
+    """The calibration config for `method`, or None for a data-free method; calibration flags
+    given to a data-free method are an error (they would be silently ignored). `overrides` come
+    from the command's own flags (eval's --seq-len is also the calibration block length)."""
+    given = {k: v for k, v in given_fields(CalibConfig, args).items() if k not in overrides}
+    if not get_method(method).needs_data:
+        if given:
+            flags = ", ".join(flag_name(k) for k in given)
+            raise OptionsError(f"{flags}: method {method} needs no calibration data; leave "
+                               "the flag(s) out or use a method that calibrates (gptq)")
+        return None
+    return CalibConfig(**{**given, **overrides})
 
 
-def run_ptq(model, tokenizer, args, progress: bool = True, text=None) -> dict:
-    """Quantize `model` in place as the flags say; return the report (rows, budget, seconds).
-    `text`: the already loaded TextSplits of args.data, if the caller has them."""
-    spec = parse_spec(args.spec)
-    method = get_method(args.method)
-    options = method_options(args)
-    t0 = time.perf_counter()
-    if not (method.needs_hessian or method.needs_inputs):
-        res = quantize_model(model, spec, args.method, options, progress=progress,
-                             keep_codes=True)
-        rows = [dataclasses.asdict(r) for r in res.layers]
-        return {"method": args.method, "spec": str(spec), "options": dataclasses.asdict(options),
-                "budget": None, "seconds": time.perf_counter() - t0, "layers": rows,
-                "_quantized": res.quantized}
-    budget = DataBudget(args.samples, args.seq_len, args.seed)
-    text = text if text is not None else load_text(args.data)
-    calib = budget.blocks(tokenize(tokenizer, text.train))
-    res = quantize_sequential(model, calib, spec, args.method, options,
-                              true_sequential=args.true_sequential, propagate=args.propagate,
-                              batch_size=args.calib_batch_size, progress=progress)
-    return {"method": args.method, "spec": str(spec), "options": dataclasses.asdict(options),
-            "budget": {"data": args.data, "n_samples": budget.n_samples,
-                       "seq_len": budget.seq_len, "seed": budget.seed,
-                       "unique_tokens": budget.unique_tokens,
-                       "true_sequential": args.true_sequential, "propagate": args.propagate},
-            "seconds": time.perf_counter() - t0, "layers": [r.to_dict() for r in res.rows],
-            "_quantized": res.quantized}
+def run_ptq(model, tokenizer, text: TextSplits, spec: QuantSpec, method: str, options,
+            calib: CalibConfig | None, *, progress: bool = True) -> tuple[PTQResult, dict | None]:
+    """Quantize `model` in place; returns the result and the budget record (None without data)."""
+    if calib is None:
+        return quantize_model(model, spec, method, options, progress=progress), None
+    budget = calib.budget
+    blocks = budget.blocks(tokenize(tokenizer, text.train))
+    res = quantize_model(model, spec, method, options, calib=blocks,
+                         true_sequential=calib.true_sequential, propagate=calib.propagate,
+                         batch_size=calib.calib_batch_size, progress=progress)
+    record = {"data": text.name, **dataclasses.asdict(budget),
+              "unique_tokens": budget.unique_tokens, "true_sequential": calib.true_sequential,
+              "propagate": calib.propagate}
+    return res, record
 
 
 def layer_table(rows: list[dict]) -> str:
     """Fixed-width per-layer table for the terminal."""
-    if not rows or "rel_output_error" not in rows[0]:
-        return "\n".join(f"{r['name']:48s} {str(tuple(r['shape'])):>12s} "
-                         f"weight err {r['weight_rel_error']:.3e}" for r in rows)
-    lines = [f"{'layer':48s} {'shape':>12s} {'damp':>7s} {'proxy loss':>11s} "
+    lines = [f"{'layer':48s} {'shape':>12s} {'damp':>7s} {'weight err':>11s} {'proxy loss':>11s} "
              f"{'rel out err':>11s} {'s':>6s}"]
+
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
     for r in rows:
-        damp = "-" if r["damp"] is None else f"{r['damp']:.3g}"
-        lines.append(f"{r['name']:48s} {str(tuple(r['shape'])):>12s} {damp:>7s} "
-                     f"{r['proxy_loss']:11.4e} {r['rel_output_error']:11.4e} {r['seconds']:6.2f}")
+        lines.append(f"{r['name']:48s} {str(tuple(r['shape'])):>12s} {num(r['damp'], '7.3g')} "
+                     f"{r['weight_rel_error']:11.4e} {num(r['proxy_loss'], '11.4e')} "
+                     f"{num(r['rel_output_error'], '11.4e')} {r['seconds']:6.2f}")
     return "\n".join(lines)

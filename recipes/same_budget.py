@@ -24,12 +24,11 @@ from compare.io import atomic_write_text, write_json
 from compare.memory import PeakRSS
 from compare.plots import new_figure, save_figure
 from compare.models import load_model
-from ptq.apply import quantize_model
+import qaft
+from ptq import quantize_model
 from ptq.formats import parse_spec
 from ptq.gptq import GPTQOptions
-from ptq.sequential import quantize_sequential
-from recipes.common import finished_rows, resolve_device, versions
-from recipes.finetune import finetune_model
+from recipes.common import finished_rows, out_folder, resolve_device, versions
 
 METHODS = ("rtn", "gptq", "qaft")
 
@@ -59,11 +58,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="output folder (default: results/same-budget)")
     p.add_argument("--fresh", action="store_true", help="discard finished rows in --out")
     return p
-
-
-def _train_args(args, mode: str) -> argparse.Namespace:
-    return argparse.Namespace(mode=mode, init="rtn", scale_mode=None, clipped_ste=True,
-                              lr=args.lr, epochs=args.epochs, seed=args.seed)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -98,7 +92,9 @@ def run(args) -> dict:
               "budget": dataclasses.asdict(budget), "epochs": args.epochs, "lr": args.lr,
               "eval_seq_len": args.eval_seq_len, "max_tokens": args.max_tokens,
               "granularity": args.granularity, "gptq": dataclasses.asdict(GPTQOptions())}
-    results_path = args.out / "results.json"
+    out = out_folder(args.out)
+    train = qaft.TrainConfig(lr=args.lr, epochs=args.epochs, seed=args.seed)
+    results_path = out / "results.json"
     rows = finished_rows(results_path, config, args.fresh)
     done = {(r["method"], r["spec"]) for r in rows}
     result = {"config": config, "versions": versions(), "rows": rows}
@@ -120,13 +116,12 @@ def run(args) -> dict:
             if method == "rtn":
                 quantize_model(model, spec, "rtn")
             elif method == "gptq":
-                quantize_sequential(model, calib, spec, "gptq", GPTQOptions())
+                quantize_model(model, spec, "gptq", GPTQOptions(), calib=calib)
                 processed = budget.unique_tokens
             elif method in ("qaft", "fp-ft"):
-                mode = "qaft" if method == "qaft" else "fp"
-                model, _, train, _ = finetune_model(model, calib, spec if mode == "qaft" else None,
-                                                    _train_args(args, mode))
-                steps, processed = train.steps, train.tokens_processed
+                res = (qaft.finetune_qaft(model, calib, spec, qaft.QAFTConfig(), train)
+                       if method == "qaft" else qaft.finetune_fp(model, calib, train))
+                steps, processed = res.train.steps, res.train.tokens_processed
         seconds = time.perf_counter() - t0
         ev = evaluate_nll(model, windows, desc=f"eval {method} {spec}")
         rows.append({"method": method, "spec": spec, "nll": ev.nll, "perplexity": ev.perplexity,
@@ -139,15 +134,17 @@ def run(args) -> dict:
     order = {k: i for i, k in enumerate(todo)}
     rows.sort(key=lambda r: order.get((r["method"], r["spec"]), len(order)))
     write_json(results_path, result)
-    atomic_write_text(args.out / "table.md", markdown(rows))
-    plot(rows, args.out / "same_budget.png",
+    atomic_write_text(out / "table.md", markdown(rows))
+    plot(rows, out / "same_budget.png",
          f"{args.model}: {budget.n_samples} x {budget.seq_len} tokens, {args.epochs} epoch(s)")
     print(markdown(rows))
     return result
 
 
 def main(argv=None) -> None:
-    run(build_parser().parse_args(argv))
+    from recipes.cli import run_or_exit
+
+    run_or_exit(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ import pytest
 import torch
 from scipy import stats
 
-from compare.alignment import cosine, first_crossing, local_loss_grad, rank_correlation, relative_norm
+from compare.alignment import cosine, first_crossing, rank_correlation, relative_norm
+from ptq.metrics import relative_output_error_grad as local_loss_grad
 from ptq.metrics import relative_output_error
 
 

@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-from compare.alignment import cosine, local_loss_grad
+from compare.alignment import cosine
+from ptq.metrics import relative_output_error_grad as local_loss_grad
 from compare.evaluate import evaluate_nll
 from compare.local import capture_linear_inputs
 from compare.models import tiny_model
 from compare.probes import (heldout_hessians, nll_along, one_layer_sensitivity, probe,
                             random_direction, random_radius, solution_weights, swapped_weights)
-from ptq.apply import quantizable_linears, quantize_model
+from ptq import quantizable_linears, quantize_model
 from ptq.metrics import relative_output_error
 
 

@@ -4,7 +4,7 @@ from torch import nn
 
 import ptq
 from compare.models import TINY_CONFIGS, tiny_model
-from ptq.apply import linear_weight
+from ptq.layers import linear_weight
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
@@ -19,7 +19,7 @@ def test_rtn_quantizes_exactly_the_linears_in_decoder_blocks(model_type):
     assert set(selected) == in_blocks and selected
 
     originals = {n: linear_weight(m).detach().clone() for n, m in selected.items()}
-    res = ptq.quantize_model(model, "int4-g16", progress=False, keep_codes=True)
+    res = ptq.quantize_model(model, "int4-g16", progress=False)
     assert [r.name for r in res.layers] == list(selected) == list(res.quantized)
     for name, module in selected.items():
         # on the grid, and exactly the RTN of the original weight
@@ -83,7 +83,7 @@ def test_user_method_registers_and_is_selected_by_name():
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, ptq.fake_quantize(w * 0.5, "int4"))
     with pytest.raises(KeyError, match="registered"):
         ptq.get_method("no-such-method")
-    with pytest.raises(TypeError, match="unknown option"):
+    with pytest.raises(ptq.OptionsError, match="unknown option"):
         ptq.get_method(name).make_options(bogus=1)
 
 

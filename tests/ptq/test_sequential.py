@@ -3,7 +3,7 @@ import torch
 
 import ptq
 from compare.models import tiny_model
-from ptq.apply import linear_weight
+from ptq.layers import linear_weight
 
 
 def layer_hessians(model, calib, batch_size):
@@ -27,10 +27,10 @@ def test_fp_propagation_sees_the_fp_models_activations(model_type):
     calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
     H = layer_hessians(model, calib, batch_size=4)
     W0 = {n: linear_weight(m).detach().clone() for n, m in ptq.quantizable_linears(model)}
-    res = ptq.quantize_sequential(model, calib, "int3-g16", "gptq", propagate="fp",
+    res = ptq.quantize_model(model, "int3-g16", "gptq", calib=calib, propagate="fp",
                                   batch_size=4, progress=False)
-    assert sorted(r.name for r in res.rows) == sorted(W0)  # rows in execution order
-    for r in res.rows:
+    assert sorted(r.name for r in res.layers) == sorted(W0)  # rows in execution order
+    for r in res.layers:
         Wq = linear_weight(dict(ptq.quantizable_linears(model))[r.name])
         assert r.proxy_loss == pytest.approx(ptq.layer_loss(W0[r.name], Wq, H[r.name]), rel=1e-4)
         assert r.n_tokens == 6 * 24
@@ -43,11 +43,11 @@ def test_true_sequential_sees_the_quantized_models_activations(model_type):
     model = tiny_model(model_type, seed=4)
     calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(1))
     W0 = {n: linear_weight(m).detach().clone() for n, m in ptq.quantizable_linears(model)}
-    res = ptq.quantize_sequential(model, calib, "int3-g16", "gptq", true_sequential=True,
+    res = ptq.quantize_model(model, "int3-g16", "gptq", calib=calib, true_sequential=True,
                                   batch_size=3, progress=False)
     H = layer_hessians(model, calib, batch_size=3)
     layers = dict(ptq.quantizable_linears(model))
-    for r in res.rows:
+    for r in res.layers:
         loss = ptq.layer_loss(W0[r.name], linear_weight(layers[r.name]), H[r.name])
         assert r.proxy_loss == pytest.approx(loss, rel=1e-4), r.name
         ref = ptq.layer_loss(W0[r.name], torch.zeros_like(W0[r.name]), H[r.name])
@@ -57,7 +57,7 @@ def test_true_sequential_sees_the_quantized_models_activations(model_type):
 def test_rtn_through_the_driver_equals_rtn_over_the_model():
     a, b = tiny_model("llama", seed=5), tiny_model("llama", seed=5)
     calib = torch.randint(0, 256, (4, 16))
-    res = ptq.quantize_sequential(a, calib, "int4-g32", "rtn", progress=False)
+    res = ptq.quantize_model(a, "int4-g32", "rtn", calib=calib, progress=False)
     ptq.quantize_model(b, "int4-g32", "rtn", progress=False)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert set(res.quantized) == {n for n, _ in ptq.quantizable_linears(a)}
@@ -67,12 +67,12 @@ def test_rtn_through_the_driver_equals_rtn_over_the_model():
 
 def test_gptq_beats_rtn_on_calibration_output_error():
     calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(2))
-    rtn = ptq.quantize_sequential(tiny_model("llama", seed=6), calib, "int3-ch", "rtn",
+    rtn = ptq.quantize_model(tiny_model("llama", seed=6), "int3-ch", "rtn", calib=calib,
                                   propagate="fp", progress=False)
-    gptq = ptq.quantize_sequential(tiny_model("llama", seed=6), calib, "int3-ch", "gptq",
+    gptq = ptq.quantize_model(tiny_model("llama", seed=6), "int3-ch", "gptq", calib=calib,
                                    propagate="fp", progress=False)
     # with FP propagation both see the same Hessians, so the per-layer losses compare directly
-    for r, g in zip(rtn.rows, gptq.rows):
+    for r, g in zip(rtn.layers, gptq.layers):
         assert g.proxy_loss < r.proxy_loss, r.name
 
 
@@ -80,10 +80,12 @@ def test_bad_group_size_fails_before_any_work():
     model = tiny_model("llama", intermediate_size=96)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ptq.SpecError, match="down_proj"):
-        ptq.quantize_sequential(model, torch.randint(0, 256, (2, 8)), "int4-g64", progress=False)
+        ptq.quantize_model(model, "int4-g64", "gptq", calib=torch.randint(0, 256, (2, 8)),
+                           progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="propagate"):
-        ptq.quantize_sequential(model, torch.randint(0, 256, (2, 8)), "int4", propagate="x")
+        ptq.quantize_model(model, "int4", "gptq", calib=torch.randint(0, 256, (2, 8)),
+                           propagate="x")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -91,8 +93,59 @@ def test_driver_on_cuda_matches_cpu_closely():
     calib = torch.randint(0, 256, (4, 32))
     cpu = tiny_model("llama", seed=7)
     gpu = tiny_model("llama", seed=7)
-    ptq.quantize_sequential(cpu, calib, "int4-g32", progress=False)
-    ptq.quantize_sequential(gpu, calib, "int4-g32", device="cuda", progress=False)
+    ptq.quantize_model(cpu, "int4-g32", "gptq", calib=calib, progress=False)
+    ptq.quantize_model(gpu, "int4-g32", "gptq", calib=calib, device="cuda", progress=False)
     assert next(gpu.parameters()).device.type == "cpu"  # blocks go back home
     ids = torch.randint(0, 256, (2, 16))
     assert torch.allclose(cpu(ids).logits, gpu(ids).logits, atol=1e-3)
+
+
+def test_a_method_that_asks_for_inputs_receives_the_calibration_inputs():
+    # needs_inputs: stats.X holds the inputs the layer saw; its Hessian is 2/n X^T X of them
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class NoOptions:
+        pass
+
+    seen = {}
+    name = "test-records-inputs"
+    if name not in ptq.METHODS:
+        @ptq.register_method(name, options=NoOptions, needs_inputs=True)
+        def records(W, stats, spec, options):
+            seen[W.shape, len(seen)] = stats
+            return ptq.QuantResult(ptq.fake_quantize(W, spec))
+
+    calib = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(3))
+    res = ptq.quantize_model(tiny_model("llama", seed=8), "int4", name, calib=calib,
+                             batch_size=2, progress=False)
+    assert len(seen) == len(res.layers)
+    for stats in seen.values():
+        assert stats.X.shape[0] == 5 * 12 == stats.n_tokens
+        assert torch.allclose(stats.H.float(), 2 / 60 * stats.X.T @ stats.X, rtol=1e-4, atol=1e-5)
+
+
+def test_one_record_type_for_data_free_and_calibrated_runs():
+    calib = torch.randint(0, 256, (4, 16))
+    free = ptq.quantize_model(tiny_model("llama", seed=9), "int3-g16", "rtn", progress=False)
+    cal = ptq.quantize_model(tiny_model("llama", seed=9), "int3-g16", "gptq", calib=calib,
+                             progress=False)
+    assert type(free.layers[0]) is type(cal.layers[0]) is ptq.LayerRecord
+    assert free.layers[0].rel_output_error is None and free.calibration_tokens == 0
+    assert cal.layers[0].rel_output_error > 0 and cal.calibration_tokens == 64
+    assert [r.block for r in free.layers] == [r.block for r in cal.layers]
+    # the data-free error is the one definition in ptq.metrics
+    for r in free.layers:
+        assert 0 < r.weight_rel_error < 1
+
+
+def test_calibrating_method_without_data_and_empty_selection_are_refused():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ptq.QalignError, match="calib="):
+        ptq.quantize_model(model, "int4", "gptq", progress=False)
+    with pytest.raises(ptq.QalignError, match="no linear layer"):
+        ptq.quantize_model(model, "int4", filter_fn=lambda m, n: False, progress=False)
+    with pytest.raises(ptq.QalignError, match="ignored"):
+        ptq.quantize_model(model, "int4", "rtn", true_sequential=True, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -85,18 +85,55 @@ def test_prepare_convert_round_trip_on_a_model():
 def test_prepare_from_a_gptq_solution_starts_where_gptq_ended():
     calib = torch.randint(0, 256, (4, 16))
     gptq_model = tiny_model("llama", seed=4)
-    res = ptq.quantize_sequential(gptq_model, calib, "int3-g16", "gptq", progress=False)
+    res = ptq.quantize_model(gptq_model, "int3-g16", "gptq", calib=calib, progress=False)
     model = tiny_model("llama", seed=4)
-    qaft.prepare(model, "int3-g16", init=res.quantized, scale_mode="fixed")
+    qaft.prepare(model, "int3-g16", qaft.QAFTConfig(init="gptq"), solution=res.quantized)
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, gptq_model(ids).logits)
-    with pytest.raises(ValueError, match="fixed"):
-        qaft.prepare(tiny_model("llama", seed=4), "int3-g16", init=res.quantized)
+    with pytest.raises(ptq.OptionsError, match="fixed or learned"):
+        qaft.QAFTConfig(init="gptq", scale_mode="dynamic")
+    with pytest.raises(ptq.OptionsError, match="solution"):  # a solution with init rtn: refused
+        qaft.prepare(tiny_model("llama", seed=4), "int3-g16", solution=res.quantized)
 
 
 def test_bad_inputs_are_clear_errors():
     with pytest.raises(ptq.SpecError, match="in_features=96"):
         qaft.prepare(tiny_model("llama", intermediate_size=96), "int4-g64")
-    with pytest.raises(ValueError, match="scale_mode"):
+    with pytest.raises(ptq.OptionsError, match="scale_mode"):
         FakeQuantLinear(nn.Linear(8, 8), "int4", scale_mode="sometimes")
+    # an MSE start with dynamic scales would be RTN after one step: refused, not ignored
+    with pytest.raises(ptq.OptionsError, match="discard the mse scales"):
+        qaft.QAFTConfig(init="mse", scale_mode="dynamic")
+    assert qaft.QAFTConfig(init="mse").scales == "fixed"
+
+
+def test_prepare_twice_is_refused_and_changes_nothing():
+    model = tiny_model("llama", seed=5)
+    qaft.prepare(model, "int4-g16")
+    before = [n for n, _ in model.named_modules()]
+    with pytest.raises(ptq.OptionsError, match="already holds fake-quantized"):
+        qaft.prepare(model, "int4-g16")
+    assert [n for n, _ in model.named_modules()] == before
+    # the tree walker does not descend into a FakeQuantLinear: nothing is selected twice
+    assert not list(ptq.quantizable_linears(model))
+
+
+def test_gpt2_conv1d_layers_are_fake_quantized_along_their_input_dimension():
+    model = tiny_model("gpt2", seed=6)
+    conv = model.transformer.h[0].mlp.c_fc  # Conv1D, weight stored (in=64, out=256)
+    ids = torch.randint(0, 256, (2, 12))
+    want_w = ptq.fake_quantize(conv.weight.detach().t(), "int4-g16")
+    layers = qaft.prepare(model, "int4-g16")
+    assert len(layers) == 8  # c_attn, c_proj, c_fc, mlp.c_proj per block
+    fq = layers["transformer.h.0.mlp.c_fc"]
+    assert torch.equal(fq.quantized_weight().detach(), want_w)
+    model(ids).logits.sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.shape == conv.weight.shape
+    with torch.no_grad():
+        fake = model(ids).logits
+    codes = qaft.convert(model)
+    assert model.transformer.h[0].mlp.c_fc is conv
+    assert torch.equal(conv.weight.t(), ptq.dequantize(codes["transformer.h.0.mlp.c_fc"]))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, fake, atol=1e-5)

@@ -7,6 +7,7 @@ import ptq
 import ptq.checkpoint
 from compare.models import load_model
 from recipes import cli, ptq_table
+from recipes.common import ConfigError
 
 
 @pytest.mark.parametrize("argv", [[], ["prepare"], ["quantize"], ["eval"], ["recipe"],
@@ -60,7 +61,7 @@ def test_quantize_then_eval(tmp_path, tiny_model_dir, text_file, capsys):
 def test_ptq_table_writes_results_and_resumes(tmp_path, tiny_model_dir, text_file, monkeypatch):
     argv = ["--model", str(tiny_model_dir), "--data", str(text_file), "--bits", "2", "4",
             "--granularity", "ch", "g16", "--seq-len", "32", "--max-tokens", "128",
-            "--samples", "4", "--methods", "rtn", "gptq", "--act-order",
+            "--samples", "4", "--methods", "rtn", "gptq", "--gptq-act-order",
             "--device", "cpu", "--out", str(tmp_path / "t")]
     result = ptq_table.run(ptq_table.build_parser().parse_args(argv))
     keys = [(r["method"], r["spec"]) for r in result["rows"]]
@@ -81,18 +82,64 @@ def test_ptq_table_writes_results_and_resumes(tmp_path, tiny_model_dir, text_fil
     again = ptq_table.run(ptq_table.build_parser().parse_args(argv))
     assert again["rows"] == result["rows"]
     other = [a if a != "32" else "16" for a in argv]  # --seq-len 16: another config
-    with pytest.raises(SystemExit, match="another config"):
+    with pytest.raises(ConfigError, match="another config"):
         ptq_table.run(ptq_table.build_parser().parse_args(other))
 
 
-def test_option_flag_of_another_method_is_an_error(tiny_model_dir):
-    with pytest.raises(SystemExit, match="--act-order: not an option of method"):
+def test_option_flag_of_another_method_is_an_error(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         cli.main(["quantize", "--model", str(tiny_model_dir), "--spec", "int4", "--method",
-                  "rtn", "--act-order", "--out", "unused"])
+                  "rtn", "--gptq-act-order", "--out", str(tmp_path / "unused")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--gptq-act-order: option(s) of method gptq" in err and "Traceback" not in err
+    assert not (tmp_path / "unused").exists()
+
+
+def test_each_method_has_its_own_flags_and_defaults():
+    # two methods with a field of the same name (clip_search) get two flags, each with its own
+    # method's default in the help, and each reaches only its own method's options
+    from recipes.quantization import method_options
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["quantize", "--spec", "int4", "--method", "gptq", "--out", "x",
+                              "--no-gptq-clip-search", "--gptq-damp", "0.05"])
+    opts = method_options(args, ["gptq"])["gptq"]
+    assert opts == ptq.GPTQOptions(clip_search=False, damp=0.05)
+    helps = {a.option_strings[0]: a.help for a in parser._subparsers._group_actions[0]
+             .choices["quantize"]._actions if a.option_strings}
+    assert "default: True" in helps["--gptq-clip-search"]
+    assert "default: False" in helps["--rtn-clip-search"]
+
+
+def test_flags_follow_real_types_without_future_annotations():
+    # a plug-in written without `from __future__ import annotations`: types are real objects
+    import argparse
+    from dataclasses import dataclass
+
+    from recipes.flags import add_dataclass_flags, from_args, from_mapping
+
+    @dataclass(frozen=True)
+    class PlainOptions:
+        rate: float = 0.5
+        steps: int = 3
+        on: bool = False
+        widths: tuple[int, ...] = (2, 3)
+
+    p = argparse.ArgumentParser()
+    add_dataclass_flags(p, PlainOptions, prefix="plain")
+    args = p.parse_args(["--plain-rate", "1e-5", "--plain-on", "--plain-widths", "4", "8"])
+    assert from_args(PlainOptions, args, prefix="plain") == PlainOptions(1e-5, 3, True, (4, 8))
+    # YAML 1.1 reads 1e-5 as a string: it is still a float for a float field
+    assert from_mapping(PlainOptions, {"rate": "1e-5"}, "f.yaml").rate == 1e-5
+    with pytest.raises(ptq.OptionsError, match="f.yaml: rate: 'nan' is not a finite number"):
+        from_mapping(PlainOptions, {"rate": "nan"}, "f.yaml")
+    with pytest.raises(ptq.OptionsError, match="unknown key"):
+        from_mapping(PlainOptions, {"rte": 1}, "f.yaml")
 
 
 @pytest.mark.parametrize("mode,extra", [("qaft", []), ("qaft", ["--init", "gptq"]),
-                                        ("lora", ["--rank", "4"]), ("fp", [])])
+                                        ("lora", ["--lora-rank", "4"]), ("fp", [])])
 def test_finetune_saves_a_loadable_result(tmp_path, tiny_model_dir, text_file, mode, extra):
     out = tmp_path / mode
     spec = [] if mode == "fp" else ["--spec", "int4-g16"]

@@ -6,7 +6,8 @@ import pytest
 from compare.models import tiny_model
 from ptq.registry import METHODS, Method
 from recipes import misalignment
-from recipes.misalignment_config import ConfigError, load_config
+from ptq.errors import QalignError
+from recipes.misalignment_config import load_config
 from tests.conftest import make_tokenizer
 
 TINY = ["--bits", "2", "4", "--samples", "8", "--seq-len", "32", "--eval-seq-len", "32",
@@ -35,7 +36,8 @@ def _correlations(alignment):
             yield b, key, s[key]
 
 
-def test_recipe_end_to_end_schema_correlations_and_resume(tmp_path, tiny3, text_file, monkeypatch):
+def test_recipe_end_to_end_schema_correlations_and_resume(tmp_path, tiny3, text_file, monkeypatch,
+                                                          capsys):
     # a user's method (here RTN under another name), registered the way built-ins are
     monkeypatch.setitem(METHODS, "myrtn", Method("myrtn", METHODS["rtn"].fn,
                                                  METHODS["rtn"].options))
@@ -91,8 +93,9 @@ def test_recipe_end_to_end_schema_correlations_and_resume(tmp_path, tiny3, text_
     again = json.loads((out / "results.json").read_text())
     assert again["runs"] == state["runs"] and again["alignment"] == state["alignment"]
     # another config in the same folder is refused rather than mixed in
-    with pytest.raises(SystemExit, match="another config"):
+    with pytest.raises(SystemExit) as e:
         misalignment.main(argv + ["--lr", "2e-5"])
+    assert e.value.code == 2 and "another config" in capsys.readouterr().err
 
 
 def test_interrupted_run_keeps_finished_units(tmp_path, tiny3, text_file, monkeypatch):
@@ -135,14 +138,24 @@ def test_yaml_maps_onto_the_config_and_flags_win(tmp_path):
     ("- 3\n", "mapping"),
     ("methods: [rtn, nope]\n", r"unknown \['nope'\]"),
     ("gptq_variants: [actorder=false]\n", "KEY=VALUE"),
-    ("gptq_variants: [act_order=maybe]\n", "true/false"),
+    ("gptq_variants: [act_order=maybe]\n", "not true or false"),
+    ("lr: .nan\n", "not a finite number"),
+    ("lr: 1e-5x\n", "not a number"),
+    ("samples: 2.5\n", "not an integer"),
     ("probe_tokens: 100000\n", "probe_tokens"),
 ])
 def test_bad_recipe_files_name_the_problem(tmp_path, text, match):
     path = tmp_path / "r.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(QalignError, match=match):
         load_config("quick", path)
+
+
+def test_yaml_reads_1e_5_as_a_float(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("lr: 1e-5\nlandscape_t: [0.5, 1]\n")  # YAML 1.1: '1e-5' is a string
+    cfg = load_config("quick", path)
+    assert cfg.lr == 1e-5 and cfg.landscape_t == (0.5, 1.0)
 
 
 def test_plan_names_variants_and_extra_methods():
