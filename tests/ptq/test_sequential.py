@@ -21,8 +21,11 @@ def layer_hessians(model, calib, batch_size):
     return {n: a.H for n, a in acc.items()}
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "gemma2", "gemma3_text", "qwen2",
+                                        "cohere2"])
 def test_fp_propagation_sees_the_fp_models_activations(model_type):
+    # with sliding-window and full-attention layers (window shorter than the sequence), each
+    # block must be replayed with its own mask and rotary embedding, or later Hessians differ
     model = tiny_model(model_type, seed=3)
     calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
     H = layer_hessians(model, calib, batch_size=4)
@@ -36,7 +39,7 @@ def test_fp_propagation_sees_the_fp_models_activations(model_type):
         assert r.n_tokens == 6 * 24
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
 def test_true_sequential_sees_the_quantized_models_activations(model_type):
     # With quantized propagation and true-sequential groups, every layer was calibrated on
     # exactly the inputs it gets in the final quantized model.

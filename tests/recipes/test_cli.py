@@ -151,11 +151,19 @@ def test_finetune_saves_a_loadable_result(tmp_path, tiny_model_dir, text_file, m
     assert report["tokens_processed"] == 4 * 16
     model, _ = load_model(str(out))
     original, _ = load_model(str(tiny_model_dir))
+    codes = ptq.checkpoint.read_quantized(out)[1] if mode != "fp" else {}
     for (name, m), (_, o) in zip(ptq.quantizable_linears(model), ptq.quantizable_linears(original)):
         assert not torch.equal(m.weight, o.weight), name  # it trained (or was quantized)
-        if mode != "fp":  # on the grid: a fresh RTN of the weight with its own scales is itself
-            qt = ptq.checkpoint.read_quantized(out)[1][name]
-            assert torch.equal(ptq.dequantize(qt), m.weight)
+        if mode == "fp":
+            continue
+        qt = codes[name]
+        # the loaded weight lies on the grid its stored scales define (a latent, off-grid weight
+        # saved by mistake would move when rounded with them) ...
+        again = ptq.fake_quantize_with(m.weight, ptq.QParams(qt.scale, qt.zero.float()), qt.spec)
+        assert torch.equal(again, m.weight), name
+        # ... and fine-tuning moved it off plain RTN of the original weight
+        if mode == "qaft" and not extra:
+            assert not torch.equal(m.weight, ptq.fake_quantize(o.weight, "int4-g16")), name
     if mode == "lora":
         assert "re-quantized" in report["note"]
 
