@@ -50,14 +50,14 @@ def run_ours(args) -> None:
     from compare.evaluate import evaluate_nll
     from compare.models import load_model
     from ptq.gptq import GPTQOptions
-    from ptq.sequential import quantize_sequential
+    from ptq import quantize_model
 
     tokens = load_file(args.tokens)
     model, _ = load_model("smollm2-135m", with_tokenizer=False)
     spec = f"int{args.bits}{'-sym' if args.sym else ''}-g{args.group_size}"
     options = GPTQOptions(act_order=not args.no_act_order, clip_search=not args.no_clip_search)
     t0 = time.perf_counter()
-    quantize_sequential(model, tokens["calib"], spec, "gptq", options, progress=False)
+    quantize_model(model, spec, "gptq", options, calib=tokens["calib"], progress=False)
     quantize_seconds = time.perf_counter() - t0
     ev = evaluate_nll(model, tokens["eval"], progress=False)
     print(json.dumps({"library": "qalign", "spec": spec, "options": vars(options),

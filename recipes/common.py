@@ -14,7 +14,7 @@ from compare.io import read_json
 from ptq.errors import OptionsError, QalignError
 from ptq.layers import linear_weight, quantizable_linears, set_linear_weight
 
-__all__ = ["ConfigError", "out_folder", "resolve_device", "versions", "finished_rows", "WeightSnapshot"]
+__all__ = ["ConfigError", "check_specs", "out_folder", "resolve_device", "versions", "finished_rows", "WeightSnapshot"]
 
 
 class ConfigError(QalignError):
@@ -63,6 +63,18 @@ def finished_rows(results_path, config: dict, fresh: bool) -> list[dict]:
         raise ConfigError(f"{results_path} holds results of another config; use another --out, "
                           "or --fresh to discard them")
     return previous["rows"]
+
+
+def check_specs(model: nn.Module, specs, filter_fn=None) -> None:
+    """Every spec against every selected layer's width, before anything expensive runs."""
+    from ptq.formats import parse_spec
+    from ptq.layers import select_linears
+
+    layers = select_linears(model, filter_fn)
+    for spec in specs:
+        spec = parse_spec(spec)
+        for name, module in layers:
+            spec.check_shape(linear_weight(module).shape[1], name)
 
 
 class WeightSnapshot:

@@ -31,11 +31,11 @@ from pathlib import Path
 
 
 from compare.alignment import first_crossing
-from compare.data import DataBudget, load_text, tokenize
-from compare.evaluate import eval_windows, evaluate_nll, reference_logprobs
+from compare.data import DataBudget, budget_blocks, load_text
+from compare.evaluate import evaluate_nll, heldout_windows, reference_logprobs
 from compare.io import read_json, write_json
 from compare.memory import PeakRSS
-from compare.models import load_model
+from compare.models import check_seq_len, load_model
 from compare.probes import (heldout_hessians, nll_along, one_layer_sensitivity, probe,
                             random_direction, random_radius, solution_weights,
                             swapped_weights)
@@ -47,7 +47,7 @@ from ptq.gptq import GPTQOptions
 from ptq.layers import linear_weight, quantizable_linears
 from ptq.metrics import layer_loss, relative_output_error_from_hessian
 from ptq.registry import get_method
-from recipes.common import ConfigError, out_folder, resolve_device, versions
+from recipes.common import ConfigError, check_specs, out_folder, resolve_device, versions
 from recipes.flags import given_fields
 from recipes.misalignment_config import (PRESETS, MisalignmentConfig, add_config_flags,
                                          load_config, parse_variant)
@@ -90,15 +90,18 @@ class Study:
     def __init__(self, cfg: MisalignmentConfig, device: str, progress: bool):
         self.cfg, self.device, self.progress = cfg, device, progress
         model, tokenizer = load_model(cfg.model, device=device)
+        check_seq_len(model, cfg.seq_len, "seq_len")
+        check_seq_len(model, cfg.eval_seq_len, "eval_seq_len")
+        check_specs(model, {p.spec for p in plan_runs(cfg) if p.bits})  # before any work
         text = load_text(cfg.data)
-        self.windows = eval_windows(tokenize(tokenizer, text.heldout), cfg.eval_seq_len,
-                                    cfg.eval_tokens)
+        self.windows, self.bos_id = heldout_windows(tokenizer, text, cfg.eval_seq_len,
+                                                    cfg.eval_tokens, cfg.add_bos)
         if self.windows.numel() < cfg.eval_tokens:
             print(f"note: the held-out text gives {self.windows.numel():,} of the "
                   f"{cfg.eval_tokens:,} eval tokens asked for", flush=True)
         self.probe_windows = self.windows[: max(cfg.probe_tokens // cfg.eval_seq_len, 1)]
         self.budget = DataBudget(cfg.samples, cfg.seq_len, cfg.seed)
-        self.calib = self.budget.blocks(tokenize(tokenizer, text.train))
+        self.calib = budget_blocks(tokenizer, text, self.budget, cfg.add_bos)
         self.names = [n for n, _ in quantizable_linears(model)]
         prefix = block_prefix(model) + "."
         self.block_of = {n: int(n[len(prefix):].split(".")[0]) for n in self.names}
@@ -225,7 +228,8 @@ def measure(study: Study, plan: Plan) -> dict:
     solve_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     ev = evaluate_nll(model, study.windows, batch_size=study.cfg.batch_size,
-                      reference=study.reference, progress=study.progress, desc=f"eval {plan.id}")
+                      reference=study.reference, progress=study.progress, desc=f"eval {plan.id}",
+                      bos_id=study.bos_id)
     pr = study.probe(model, grad=plan.main)
     calib = {r["name"]: r for r in solved.pop("calibration_layers")}
     layers = [{"name": n, "block": study.block_of[n], "kind": n.rsplit(".", 1)[-1],
@@ -292,7 +296,7 @@ def run_study(cfg: MisalignmentConfig, out: Path, *, device: str = "auto", fresh
                        "unique_tokens": study.budget.unique_tokens}
     state["heldout"] = {"eval_windows": study.windows.shape[0],
                         "probe_windows": study.probe_windows.shape[0],
-                        "seq_len": cfg.eval_seq_len}
+                        "seq_len": cfg.eval_seq_len, "bos": study.bos_id is not None}
     state["timings"]["setup_s"] = time.perf_counter() - t0
     for plan in plan_runs(cfg):
         if plan.id in state["runs"]:

@@ -55,6 +55,8 @@ class MisalignmentConfig:
                                         "t of the landscape points W + t (W_hat - W)")
     radius_ppl_ratio: float = _f(1.1, "the radius is where perplexity reaches FP x this ratio")
     batch_size: int = _f(2, "evaluation batch (windows)")
+    add_bos: bool | None = _f(None, "start every window and block with BOS (default: the "
+                                    "tokenizer's own convention)")
 
     def __post_init__(self):
         for name in ("bits", "methods", "gptq_variants", "landscape_t"):

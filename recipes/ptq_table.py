@@ -16,12 +16,12 @@ import dataclasses
 import time
 from pathlib import Path
 
-from compare.data import load_text, tokenize
-from compare.evaluate import eval_windows, evaluate_nll
+from compare.data import budget_blocks, load_text
+from compare.evaluate import evaluate_nll, heldout_windows
 from compare.io import atomic_write_text, write_json
 from compare.memory import PeakRSS
 from compare.plots import new_figure, save_figure
-from compare.models import load_model
+from compare.models import check_seq_len, load_model
 from ptq import quantize_model
 from ptq.formats import parse_spec
 from ptq.registry import get_method
@@ -51,6 +51,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="output folder (default: results/ptq-table)")
     p.add_argument("--fresh", action="store_true",
                    help="discard finished rows in --out instead of resuming")
+    p.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every window and block with BOS (default: the tokenizer's own "
+                        "convention)")
     add_calib_flags(p)  # --seq-len: calibration block length and evaluation window
     add_method_flags(p, with_method=False)
     return p
@@ -105,9 +108,11 @@ def run(args) -> dict:
 
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device=device)
+    check_seq_len(model, budget.seq_len)
     text = load_text(args.data)
-    windows = eval_windows(tokenize(tokenizer, text.heldout), budget.seq_len, args.max_tokens)
-    calib = budget.blocks(tokenize(tokenizer, text.train))
+    windows, bos_id = heldout_windows(tokenizer, text, budget.seq_len, args.max_tokens,
+                                      args.add_bos)
+    calib = budget_blocks(tokenizer, text, budget, args.add_bos)
     snapshot = WeightSnapshot(model)
     result = {"config": config, "versions": versions(), "device": device, "rows": rows}
 
@@ -126,7 +131,7 @@ def run(args) -> dict:
                                propagate=calib_cfg.propagate if uses_data else "quantized",
                                batch_size=calib_cfg.calib_batch_size)
         q_seconds = time.perf_counter() - t0
-        ev = evaluate_nll(model, windows, desc=f"eval {method} {spec}")
+        ev = evaluate_nll(model, windows, desc=f"eval {method} {spec}", bos_id=bos_id)
         uses_data = method != "fp" and get_method(method).needs_data
         rows.append({"method": method, "spec": spec, "nll": ev.nll, "perplexity": ev.perplexity,
                      "scored_tokens": ev.scored_tokens,

@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from compare.data import DataBudget, TextSplits, tokenize
+from compare.data import DataBudget, TextSplits, bos_token_id, budget_blocks
 from ptq import PTQResult, quantize_model
 from ptq.errors import OptionsError
 from ptq.formats import QuantSpec
@@ -101,18 +101,20 @@ def calib_config(args, method: str, **overrides) -> CalibConfig | None:
 
 
 def run_ptq(model, tokenizer, text: TextSplits, spec: QuantSpec, method: str, options,
-            calib: CalibConfig | None, *, progress: bool = True) -> tuple[PTQResult, dict | None]:
+            calib: CalibConfig | None, *, add_bos: bool | None = None,
+            progress: bool = True) -> tuple[PTQResult, dict | None]:
     """Quantize `model` in place; returns the result and the budget record (None without data)."""
     if calib is None:
         return quantize_model(model, spec, method, options, progress=progress), None
     budget = calib.budget
-    blocks = budget.blocks(tokenize(tokenizer, text.train))
+    blocks = budget_blocks(tokenizer, text, budget, add_bos)
     res = quantize_model(model, spec, method, options, calib=blocks,
                          true_sequential=calib.true_sequential, propagate=calib.propagate,
                          batch_size=calib.calib_batch_size, progress=progress)
     record = {"data": text.name, **dataclasses.asdict(budget),
               "unique_tokens": budget.unique_tokens, "true_sequential": calib.true_sequential,
-              "propagate": calib.propagate}
+              "propagate": calib.propagate,
+              "bos": bos_token_id(tokenizer, add_bos) is not None}
     return res, record
 
 

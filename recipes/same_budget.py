@@ -18,17 +18,17 @@ import dataclasses
 import time
 from pathlib import Path
 
-from compare.data import DataBudget, load_text, tokenize
-from compare.evaluate import eval_windows, evaluate_nll
+from compare.data import DataBudget, budget_blocks, load_text
+from compare.evaluate import evaluate_nll, heldout_windows
 from compare.io import atomic_write_text, write_json
 from compare.memory import PeakRSS
 from compare.plots import new_figure, save_figure
-from compare.models import load_model
+from compare.models import check_seq_len, load_model
 import qaft
 from ptq import quantize_model
 from ptq.formats import parse_spec
 from ptq.gptq import GPTQOptions
-from recipes.common import finished_rows, out_folder, resolve_device, versions
+from recipes.common import check_specs, finished_rows, out_folder, resolve_device, versions
 
 METHODS = ("rtn", "gptq", "qaft")
 
@@ -57,6 +57,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--out", type=Path, default=Path("results/same-budget"),
                    help="output folder (default: results/same-budget)")
     p.add_argument("--fresh", action="store_true", help="discard finished rows in --out")
+    p.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every window and block with BOS (default: the tokenizer's own "
+                        "convention)")
     return p
 
 
@@ -99,12 +102,17 @@ def run(args) -> dict:
     done = {(r["method"], r["spec"]) for r in rows}
     result = {"config": config, "versions": versions(), "rows": rows}
     device = resolve_device(args.device)
-
-    _, tokenizer = load_model(args.model, device=device)
-    text = load_text(args.data)
-    windows = eval_windows(tokenize(tokenizer, text.heldout), args.eval_seq_len, args.max_tokens)
-    calib = budget.blocks(tokenize(tokenizer, text.train))
     specs = [str(parse_spec(f"int{b}-{args.granularity}")) for b in args.bits]
+
+    model, tokenizer = load_model(args.model, device=device)
+    check_seq_len(model, args.seq_len)
+    check_seq_len(model, args.eval_seq_len, "--eval-seq-len")
+    check_specs(model, specs)
+    del model
+    text = load_text(args.data)
+    windows, bos_id = heldout_windows(tokenizer, text, args.eval_seq_len, args.max_tokens,
+                                      args.add_bos)
+    calib = budget_blocks(tokenizer, text, budget, args.add_bos)
     todo = [("fp", "fp32"), ("fp-ft", "fp32")] + [(m, s) for s in specs for m in args.methods]
     for method, spec in todo:
         if (method, spec) in done:
@@ -123,7 +131,7 @@ def run(args) -> dict:
                        if method == "qaft" else qaft.finetune_fp(model, calib, train))
                 steps, processed = res.train.steps, res.train.tokens_processed
         seconds = time.perf_counter() - t0
-        ev = evaluate_nll(model, windows, desc=f"eval {method} {spec}")
+        ev = evaluate_nll(model, windows, desc=f"eval {method} {spec}", bos_id=bos_id)
         rows.append({"method": method, "spec": spec, "nll": ev.nll, "perplexity": ev.perplexity,
                      "unique_tokens": 0 if method in ("fp", "rtn") else budget.unique_tokens,
                      "tokens_processed": processed, "steps": steps, "seconds": seconds,

@@ -17,6 +17,43 @@ def test_windows_are_non_overlapping_and_capped():
         eval_windows(torch.arange(10), 64)
 
 
+@pytest.mark.parametrize("size, L, max_tokens", [(1000, 64, 300), (1000, 64, None), (513, 2, 77),
+                                                 (4096, 512, 2048), (4095, 512, None)])
+def test_windows_without_bos_are_unchanged(size, L, max_tokens):
+    # the protocol behind the README figures: no BOS gives exactly the windows it always gave
+    tokens = torch.randint(0, 50_000, (size,), generator=torch.Generator().manual_seed(size))
+    n = tokens.numel() // L if max_tokens is None else min(tokens.numel() // L, max_tokens // L)
+    expected = tokens[: n * L].view(n, L)
+    assert torch.equal(eval_windows(tokens, L, max_tokens), expected)
+    assert torch.equal(eval_windows(tokens, L, max_tokens, bos_id=None), expected)
+
+
+def test_windows_with_bos_hold_seq_len_minus_one_stream_tokens_each():
+    tokens = torch.arange(1, 1001)  # 0 is free for the BOS
+    w = eval_windows(tokens, 64, max_tokens=300, bos_id=0)
+    # max_tokens caps the model input (BOS included): the same 4 windows as without BOS
+    assert w.shape == (4, 64) and bool((w[:, 0] == 0).all())
+    assert torch.equal(w[:, 1:].flatten(), torch.arange(1, 1 + 4 * 63))  # contiguous, disjoint
+    assert eval_windows(tokens, 64, bos_id=0).shape == (15, 64)  # 1000 // 63 = 15
+    assert eval_windows(torch.arange(1, 127), 64, bos_id=0).shape == (2, 64)  # 126 = 2 x 63
+    with pytest.raises(DataError, match="not one window of BOS \\+ 63 tokens"):
+        eval_windows(torch.arange(62), 64, bos_id=0)
+    with pytest.raises(DataError, match="not one window"):
+        eval_windows(tokens, 64, max_tokens=63, bos_id=0)
+
+
+def test_bos_is_recorded_and_checked():
+    model = tiny_model("llama", seed=2)
+    tokens = torch.randint(1, 256, (200,), generator=torch.Generator().manual_seed(0))
+    plain = evaluate_nll(model, eval_windows(tokens, 32), progress=False)
+    windows = eval_windows(tokens, 32, bos_id=0)
+    res = evaluate_nll(model, windows, progress=False, bos_id=0)
+    assert res.bos and not plain.bos and res.to_dict()["bos"] is True
+    assert res.scored_tokens == plain.scored_tokens == 6 * 31  # the BOS is never a target
+    with pytest.raises(ValueError, match="not every window starts with it"):
+        evaluate_nll(model, eval_windows(tokens, 32), progress=False, bos_id=0)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_nll_matches_transformers_labels_loss(model_type):
     model = tiny_model(model_type, seed=2)
@@ -38,11 +75,13 @@ def test_token_nll_of_a_certain_prediction_is_zero():
 
 @pytest.mark.real
 def test_smollm2_heldout_perplexity_and_agreement(smollm2):
-    from recipes.common import heldout_windows
+    from compare.data import load_text
+    from compare.evaluate import heldout_windows
 
     model, tokenizer = smollm2
-    windows = heldout_windows(tokenizer, "wiki", 512, 2048)
-    res = evaluate_nll(model, windows, progress=False)
+    windows, bos_id = heldout_windows(tokenizer, load_text("wiki"), 512, 2048)
+    assert bos_id is None  # SmolLM2's tokenizer does not prepend its BOS: README protocol as is
+    res = evaluate_nll(model, windows, progress=False, bos_id=bos_id)
     with torch.no_grad():
         ref = torch.stack([model(input_ids=w[None], labels=w[None]).loss for w in windows]).mean()
     assert res.nll == pytest.approx(float(ref), rel=1e-4)

@@ -1,14 +1,15 @@
 import pytest
 
 import ptq
-from compare.evaluate import evaluate_nll
-from recipes.common import WeightSnapshot, heldout_windows
+from compare.data import load_text
+from compare.evaluate import evaluate_nll, heldout_windows
+from recipes.common import WeightSnapshot
 
 
 @pytest.mark.real
 def test_smollm2_rtn_perplexity_orders_by_bits(smollm2):
     model, tokenizer = smollm2
-    windows = heldout_windows(tokenizer, "wiki", 512, 2048)
+    windows, _ = heldout_windows(tokenizer, load_text("wiki"), 512, 2048)
     snapshot = WeightSnapshot(model)
     ppl = {}
     try:
@@ -29,17 +30,17 @@ def test_smollm2_gptq_beats_rtn_at_3_bits(smollm2):
     from compare.data import DataBudget, load_text, tokenize
 
     model, tokenizer = smollm2
-    windows = heldout_windows(tokenizer, "wiki", 512, 2048)
+    windows, _ = heldout_windows(tokenizer, load_text("wiki"), 512, 2048)
     calib = DataBudget(16, 512, seed=0).blocks(tokenize(tokenizer, load_text("wiki").train))
     snapshot = WeightSnapshot(model)
     try:
         ptq.quantize_model(model, "int3-g64", progress=False)
         rtn = evaluate_nll(model, windows, progress=False).perplexity
         snapshot.restore()
-        res = ptq.quantize_sequential(model, calib, "int3-g64", "gptq", progress=False)
+        res = ptq.quantize_model(model, "int3-g64", "gptq", calib=calib, progress=False)
         gptq = evaluate_nll(model, windows, progress=False).perplexity
     finally:
         snapshot.restore()
     assert gptq < 0.95 * rtn
-    assert len(res.rows) == 30 * 7 and all(r.n_tokens == 16 * 512 for r in res.rows)
-    assert all(0 < r.rel_output_error < 0.5 for r in res.rows)
+    assert len(res.layers) == 30 * 7 and all(r.n_tokens == 16 * 512 for r in res.layers)
+    assert all(0 < r.rel_output_error < 0.5 for r in res.layers)
