@@ -10,7 +10,10 @@ Protocol (the same for every method and model):
   - each window is scored on its own (no context carried over): tokens 2..seq_len are predicted
     from the tokens before them in the window, so n_windows * (seq_len - 1) tokens are scored;
     a BOS is input only, never a target, so with BOS every stream token of a window is scored;
-  - NLL is the mean over all scored tokens in nats (log-softmax in float32), perplexity exp(NLL).
+  - NLL is the mean over all scored tokens in nats (log-softmax in float32), perplexity exp(NLL);
+    each window's own mean NLL is kept too (`window_nll`), the unit a paired comparison of two
+    solutions on the same windows resamples (compare.stats). Every window scores the same number
+    of tokens, so NLL is also the plain mean of the window means (up to float rounding).
 This is the usual GPTQ/WikiText protocol, and equals transformers' own `labels=` loss averaged
 over windows. With `reference` (the FP model's log-probabilities from `reference_logprobs`, same
 windows), the same pass also gives KL(FP || model) of the next-token distributions, in nats,
@@ -45,6 +48,8 @@ class EvalResult:
     tokens_per_second: float  # input tokens (n_windows * seq_len) per second of forward passes
     kl: float | None = None  # mean KL(reference || model) per scored token, nats
     bos: bool = False  # every window started with a BOS token (input only, never scored)
+    # (n_windows,) mean NLL of each window over its seq_len - 1 scored tokens, nats, window order
+    window_nll: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,6 +138,7 @@ def evaluate_nll(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 2
                          "windows with eval_windows(..., bos_id=bos_id)")
     device = next(model.parameters()).device
     total, count, kl = 0.0, 0, 0.0
+    window_nll: list[float] = []
     t0 = time.perf_counter()
     for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress,
                   leave=False):
@@ -140,8 +146,9 @@ def evaluate_nll(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 2
         logits = model(input_ids=batch, use_cache=False).logits
         logp = next_token_logprobs(logits)
         nll = _picked_nll(logp, batch)
-        total += float(nll.double().sum())
+        total += float(nll.double().sum())  # the overall NLL: total / count over all tokens
         count += nll.numel()
+        window_nll += nll.double().mean(dim=1).tolist()  # (batch,) nats per scored token
         if reference is not None:
             ref = reference[i:i + batch_size].to(device)
             kl += float(kl_divergence(ref, logp).sum())
@@ -149,4 +156,5 @@ def evaluate_nll(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 2
     mean = total / count
     return EvalResult(mean, math.exp(mean), count, windows.shape[0], windows.shape[1], seconds,
                       windows.numel() / max(seconds, 1e-9),
-                      kl / count if reference is not None else None, bos_id is not None)
+                      kl / count if reference is not None else None, bos_id is not None,
+                      tuple(window_nll))

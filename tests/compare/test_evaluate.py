@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -103,3 +104,22 @@ def test_kl_against_reference_logprobs():
     assert res.kl == pytest.approx(float(expected), rel=1e-4) and res.kl > 0
     with pytest.raises(ValueError, match="do not match"):
         evaluate_nll(other, windows[:2], reference=ref, progress=False)
+
+
+def test_window_nll_averaged_with_token_weights_is_the_nll():
+    model = tiny_model("llama", seed=2)
+    windows = torch.randint(0, 256, (7, 40), generator=torch.Generator().manual_seed(3))
+    res = evaluate_nll(model, windows, batch_size=3, progress=False)  # a short last batch
+    assert len(res.window_nll) == res.n_windows == 7
+    tokens = [39] * 7  # every window scores seq_len - 1 tokens
+    weighted = math.fsum(w * t for w, t in zip(res.window_nll, tokens)) / sum(tokens)
+    assert weighted == pytest.approx(res.nll, rel=1e-14, abs=0)
+    # the overall NLL is still total / count over all tokens, summed batch by batch as before
+    with torch.no_grad():
+        total = sum(float(token_nll(model(input_ids=b).logits, b).double().sum())
+                    for b in windows.split(3))
+    assert res.nll == total / (7 * 39)
+    with torch.no_grad():  # each window's entry is its own labels= loss, in window order
+        own = [float(model(input_ids=w[None], labels=w[None]).loss) for w in windows]
+    assert res.window_nll == pytest.approx(own, rel=1e-5)
+    assert json.loads(json.dumps(res.to_dict()))["window_nll"] == list(res.window_nll)
