@@ -16,3 +16,21 @@ class QalignError(ValueError):
 
 class OptionsError(QalignError):
     """A method's or a run's options that are out of range or do not apply to the chosen mode."""
+
+
+class NonFiniteError(QalignError):
+    """A weight or Hessian holding NaN or Inf: quantizing it would hide the damage in codes."""
+
+
+class CheckpointError(QalignError):
+    """A quantized checkpoint that is damaged, tampered with or written by something else."""
+
+
+__all__ += ["NonFiniteError", "CheckpointError"]
+
+
+class ExportError(QalignError):
+    """A model, spec or target folder that an export format (ptq.export) cannot take."""
+
+
+__all__ += ["ExportError"]

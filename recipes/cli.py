@@ -23,28 +23,17 @@ from compare.evaluate import evaluate_nll, heldout_windows
 from compare.io import read_json, write_csv, write_json
 from compare.models import EMBEDDED_MODELS, check_seq_len, load_model, prepare_embedded
 from ptq.checkpoint import save_quantized
+from ptq.export import check_compressed_tensors_spec, save_compressed_tensors
 from ptq.errors import OptionsError, QalignError
 from ptq.formats import parse_spec
 from recipes import misalignment, ptq_table, same_budget
-from recipes.common import out_folder, resolve_device, versions
+from recipes.common import at_least, out_file, out_folder, resolve_device, versions
 from recipes.flags import given_fields
-from recipes.finetune import add_finetune_flags, finetune_setup, run_finetune
+from recipes.finetune import add_finetune_flags, check_finetune_run, finetune_setup, run_finetune
 from recipes.quantization import (CalibConfig, add_calib_flags, add_method_flags, calib_config,
                                   layer_table, method_options, run_ptq)
 
 RECIPES = {"misalignment": misalignment, "ptq-table": ptq_table, "same-budget": same_budget}
-
-
-def _positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text} must be positive")
-        return value
-    return parse
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -59,11 +48,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="wiki",
                    help="'wiki' (embedded), a text file, or hf:NAME[:CONFIG] (default: wiki)")
-    p.add_argument("--seq-len", type=_positive(int), default=512,
+    p.add_argument("--seq-len", type=at_least(int, 2), default=512,
                    help="evaluation window, and calibration block length (default: 512)")
-    p.add_argument("--max-tokens", type=_positive(int), default=16384,
+    p.add_argument("--max-tokens", type=at_least(int, 1), default=16384,
                    help="held-out tokens evaluated (default: 16384)")
-    p.add_argument("--batch-size", type=_positive(int), default=2,
+    p.add_argument("--batch-size", type=at_least(int, 1), default=2,
                    help="windows per forward (default: 2)")
     _bos_arg(p)
 
@@ -99,6 +88,11 @@ def cmd_quantize(args) -> None:
     options = method_options(args, [args.method])[args.method]
     calib = calib_config(args, args.method)
     out = out_folder(args.out)
+    if args.export == "compressed-tensors":  # refuse what the format cannot hold before work
+        check_compressed_tensors_spec(spec)
+        if out.exists():
+            raise OptionsError(f"--out {out} exists; an export writes a new folder: choose "
+                               "another path")
     device = resolve_device(args.device)
     text = load_text(args.data) if calib is not None else None
     model, tokenizer = load_model(args.model, device=device,
@@ -107,8 +101,12 @@ def cmd_quantize(args) -> None:
         check_seq_len(model, calib.seq_len)
     res, budget = run_ptq(model, tokenizer, text, spec, args.method, options, calib,
                           add_bos=args.add_bos)
-    save_quantized(model, res.quantized, out, {"method": args.method, "source_model": args.model})
-    tokenizer.save_pretrained(out)
+    if args.export == "compressed-tensors":
+        save_compressed_tensors(model, res.quantized, out, tokenizer=tokenizer)
+    else:
+        save_quantized(model, res.quantized, out, {"method": args.method,
+                                                   "source_model": args.model})
+        tokenizer.save_pretrained(out)
     report = {"source_model": args.model, **res.to_dict(), "budget": budget,
               "versions": versions()}
     write_json(out / "qalign-quant.json", report)
@@ -128,6 +126,8 @@ def cmd_eval(args) -> None:
     else:
         options = method_options(args, [args.method])[args.method]
         calib = calib_config(args, args.method, seq_len=args.seq_len)
+    if args.json:
+        out_file(args.json, "--json")
     device = resolve_device(args.device)
     text = load_text(args.data)  # once: calibration (train split) and evaluation (held-out)
     model, tokenizer = load_model(args.model, device=device,
@@ -144,7 +144,7 @@ def cmd_eval(args) -> None:
                                       args.add_bos)
     result = evaluate_nll(model, windows, batch_size=args.batch_size, bos_id=bos_id)
     row = {"model": args.model, "data": args.data, **label, **result.to_dict()}
-    print(json.dumps(row, indent=1))
+    print(json.dumps({k: v for k, v in row.items() if k != "window_nll"}, indent=1))
     if args.json:
         write_json(args.json, row)
 
@@ -157,12 +157,13 @@ def cmd_finetune(args) -> None:
     out = out_folder(args.out)
     device = resolve_device(args.device)
     calib = CalibConfig(samples=args.samples, seq_len=args.seq_len, seed=args.budget_seed)
+    checkpoints = out / "checkpoints" if setup.train.checkpoint_every or args.resume else None
+    check_finetune_run(setup, device, args.samples, checkpoints, args.resume)
     text = load_text(args.data)
     model, tokenizer = load_model(args.model, device=device,
                                   trust_remote_code=args.trust_remote_code)
     check_seq_len(model, args.seq_len)
     blocks = budget_blocks(tokenizer, text, calib.budget, args.add_bos)
-    checkpoints = out / "checkpoints" if setup.train.checkpoint_every or args.resume else None
     res = run_finetune(model, blocks, spec, setup, checkpoint_dir=checkpoints,
                        resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: every rank holds the same result
@@ -208,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration text: 'wiki', a text file or hf:NAME[:CONFIG] (default: wiki)")
     add_calib_flags(s)
     _bos_arg(s)
+    s.add_argument("--export", choices=["qalign", "compressed-tensors"], default="qalign",
+                   help="checkpoint format: qalign (packed codes, every grid, read by qalign) or "
+                        "compressed-tensors (pack-quantized integer grids; transformers loads it "
+                        "with the compressed-tensors package) (default: qalign)")
     s.add_argument("--out", required=True, help="output model folder")
     s.set_defaults(fn=cmd_quantize)
 
@@ -229,9 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", help="quantization spec (not with --mode fp)")
     s.add_argument("--data", default="wiki",
                    help="training text: 'wiki', a text file or hf:NAME[:CONFIG] (default: wiki)")
-    s.add_argument("--samples", type=_positive(int), default=128,
+    s.add_argument("--samples", type=at_least(int, 1), default=128,
                    help="budget: number of token blocks (default: 128)")
-    s.add_argument("--seq-len", type=_positive(int), default=512,
+    s.add_argument("--seq-len", type=at_least(int, 2), default=512,
                    help="budget: block length (default: 512)")
     s.add_argument("--budget-seed", type=int, default=0,
                    help="seed of the block draw, as PTQ's --seed (default: 0)")

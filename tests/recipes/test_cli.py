@@ -184,3 +184,29 @@ def test_same_budget_recipe_rows_and_accounting(tmp_path, tiny_model_dir, text_f
     assert rows[("gptq", "int3-g16")]["unique_tokens"] == 64
     assert rows[("rtn", "int3-g16")]["unique_tokens"] == 0
     assert (tmp_path / "sb" / "same_budget.png").stat().st_size > 0
+
+
+def test_quantize_exports_compressed_tensors_that_transformers_loads(tmp_path, tiny_model_dir):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    own, ct = tmp_path / "own", tmp_path / "ct"
+    for out, fmt in ((own, "qalign"), (ct, "compressed-tensors")):
+        cli.main(["quantize", "--model", str(tiny_model_dir), "--spec", "int4-g16", "--method",
+                  "gptq", "--samples", "4", "--seq-len", "16", "--export", fmt, "--out",
+                  str(out), "--device", "cpu"])
+    ours, _ = load_model(str(own))
+    theirs = AutoModelForCausalLM.from_pretrained(ct)
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+    assert json.loads((ct / "qalign-quant.json").read_text())["method"] == "gptq"
+
+
+def test_export_of_a_grid_the_format_cannot_hold_is_refused_before_work(tmp_path, capsys):
+    pytest.importorskip("compressed_tensors")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", "--spec", "e2m1-g16", "--export", "compressed-tensors", "--out",
+                  str(tmp_path / "ct"), "--model", "./no-model-needed-yet"])
+    assert e.value.code == 2 and "save_quantized" in capsys.readouterr().err
+    assert not (tmp_path / "ct").exists()
