@@ -35,7 +35,8 @@ from ptq.errors import QalignError
 
 
 __all__ = ["DataError", "TextSplits", "DataBudget", "EMBEDDED_WIKI", "wiki_articles",
-           "clean_wiki", "load_text", "tokenize", "bos_token_id", "with_bos", "budget_blocks"]
+           "clean_wiki", "load_text", "tokenize", "bos_token_id", "with_bos", "budget_blocks",
+           "validation_blocks"]
 
 EMBEDDED_WIKI = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 DEFAULT_HELDOUT_FRACTION = 0.1
@@ -133,7 +134,8 @@ def _read_text_file(path: Path, source: str) -> str:
                         f"hf:{source} to read a folder of data files as a dataset")
     if not path.is_file():
         raise DataError(f"text source {source!r} is neither 'wiki', 'hf:NAME[:CONFIG]' nor an "
-                        "existing file")
+                        "existing file; give the path of a UTF-8 text file, wiki or "
+                        "hf:NAME[:CONFIG]")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")  # a leading UTF-8 byte-order mark is not text
@@ -261,6 +263,33 @@ class DataBudget:
         if bos_id is None:
             return windows[pick].clone()
         return with_bos(windows[pick], bos_id)
+
+    def validation_blocks(self, tokens: torch.Tensor, n_blocks: int, *,
+                          bos_id: int | None = None) -> torch.Tensor:
+        """(n_blocks, seq_len) windows of the same train stream that the budget does NOT hold:
+        the last n_blocks of the same seeded permutation whose first n_samples are the budget,
+        so the two are disjoint by construction. For choosing hyperparameters only (never for
+        gradients or Hessians), the same for every method; the held-out text stays untouched."""
+        width = self.seq_len - (bos_id is not None)
+        n_windows = tokens.numel() // width
+        if n_blocks < 1:
+            raise DataError(f"a validation slice of {n_blocks} blocks: give at least 1")
+        if self.n_samples + n_blocks > n_windows:
+            raise DataError(
+                f"the train text holds {n_windows} windows of {self.seq_len} tokens: too few for "
+                f"the budget ({self.n_samples}) plus a validation slice ({n_blocks}); lower "
+                "--samples or the validation blocks, or give more text")
+        g = torch.Generator().manual_seed(self.seed)
+        pick = torch.randperm(n_windows, generator=g)[n_windows - n_blocks:]
+        windows = tokens[: n_windows * width].view(n_windows, width)
+        return windows[pick].clone() if bos_id is None else with_bos(windows[pick], bos_id)
+
+
+def validation_blocks(tokenizer, text: TextSplits, budget: DataBudget, n_blocks: int,
+                      add_bos: bool | None = None) -> torch.Tensor:
+    """The validation slice of `budget` (DataBudget.validation_blocks) from the train split."""
+    return budget.validation_blocks(tokenize(tokenizer, text.train), n_blocks,
+                                    bos_id=bos_token_id(tokenizer, add_bos))
 
 
 def budget_blocks(tokenizer, text: TextSplits, budget: DataBudget,

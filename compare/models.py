@@ -139,16 +139,23 @@ def _looks_like_path(name: str) -> bool:
             or name.endswith((".gguf", ".safetensors")))
 
 
-def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               trust_remote_code: bool = False, revision: str | None = None,
-               with_tokenizer: bool = True):
+def load_model(name_or_path: str, *, dtype: torch.dtype | str = torch.float32,
+               device: str = "cpu", trust_remote_code: bool = False,
+               revision: str | None = None, with_tokenizer: bool = True):
     """Load (model, tokenizer) in eval mode: an embedded name, a local folder (a plain
     transformers model, or a quantized checkpoint of `ptq.checkpoint`), a local .gguf file
     (dequantized, like the embedded model) or a hub id.
 
+    dtype: the weights' (and so the forward passes') dtype, a torch dtype or a name that
+    `compare.dtypes.resolve_dtype` takes ("auto", "bf16", ...; resolved for `device`).
     Weights load from safetensors or GGUF. `trust_remote_code` stays off unless the caller asks.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(dtype, str):
+        from .dtypes import resolve_dtype
+
+        dtype = resolve_dtype(dtype, device)
 
     local = Path(name_or_path).expanduser()
     if name_or_path in EMBEDDED_MODELS:
@@ -163,7 +170,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     elif is_quantized_checkpoint(local):  # packed codes written by `qalign quantize`
         model, _ = load_quantized(local, dtype=dtype)
         model.to(device)
-        tokenizer = AutoTokenizer.from_pretrained(local) if with_tokenizer else None
+        tokenizer = _load_tokenizer(str(local)) if with_tokenizer else None
         return model, tokenizer
     else:
         source = str(local) if local.exists() else name_or_path
@@ -182,9 +189,22 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     model.to(device).eval()
     tokenizer = None
     if with_tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                                  revision=revision)
+        tokenizer = _load_tokenizer(source, trust_remote_code=trust_remote_code,
+                                    revision=revision)
     return model, tokenizer
+
+
+def _load_tokenizer(source: str, **kwargs):
+    """AutoTokenizer.from_pretrained(source), or a ModelError saying what to do (a folder saved
+    without its tokenizer raises a bare OSError or ValueError deep inside transformers)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a tokenizer for {source} ({str(e).splitlines()[0]}); "
+                         "save it next to the model with tokenizer.save_pretrained(folder), or "
+                         "give a model folder that has one") from None
 
 
 # Small configs per family, for tests and quick experiments (random weights). The families with
@@ -240,8 +260,9 @@ def check_seq_len(model: nn.Module, seq_len: int, what: str = "--seq-len") -> No
 
 
 def tiny_model(model_type: str = "llama", *, vocab_size: int = 256, seed: int = 0,
-               **overrides) -> nn.Module:
-    """A randomly initialised small causal LM of the given family, in float32 eval mode."""
+               dtype: torch.dtype = torch.float32, **overrides) -> nn.Module:
+    """A randomly initialised small causal LM of the given family, in eval mode. Its weights are
+    drawn in float32 and then cast to `dtype`, so a bf16 tiny model is the float32 one rounded."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if model_type not in TINY_CONFIGS:
@@ -251,4 +272,4 @@ def tiny_model(model_type: str = "llama", *, vocab_size: int = 256, seed: int = 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.eval()
+    return model.to(dtype).eval()

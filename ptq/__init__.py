@@ -8,7 +8,7 @@ from .apply import LayerRecord, PTQResult, quantize_model
 from .arch import ARCHS, Arch, ArchError, decoder_blocks, register_arch
 from .capture import BlockInputs, capture_block_inputs
 from .checkpoint import load_quantized, save_quantized
-from .errors import OptionsError, QalignError
+from .errors import CheckpointError, ExportError, NonFiniteError, OptionsError, QalignError
 from .formats import (ClipSearch, QParams, QuantizedTensor, QuantSpec, SpecError, compute_qparams,
                       dequantize, fake_quantize, fake_quantize_with, parse_spec, quantize)
 from .gptq import GPTQOptions, GPTQResult, gptq_quantize, inverse_cholesky
@@ -23,7 +23,8 @@ from .registry import (METHODS, LayerStats, Method, QuantResult, UnknownMethodEr
 from .rtn import RTNOptions, rtn_quantize
 
 __all__ = [
-    "ARCHS", "Arch", "ArchError", "BlockInputs", "ClipSearch", "FilterFn", "GPTQOptions", "GPTQResult",
+    "ARCHS", "Arch", "ArchError", "BlockInputs", "CheckpointError", "ClipSearch",
+    "ExportError", "NonFiniteError", "FilterFn", "GPTQOptions", "GPTQResult",
     "HessianAccumulator", "LayerRecord", "LayerStats", "METHODS", "Method", "OptionsError",
     "PTQResult", "QParams", "QalignError", "QuantResult", "QuantSpec", "QuantizedTensor",
     "RTNOptions", "SpecError", "UnknownMethodError", "capture_block_inputs", "checkpoint",

@@ -109,6 +109,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec | str, method: str = "rtn",
     if calib is not None:
         from .sequential import quantize_blocks
 
+        _check_calib(model, calib)
+
         records, quantized = quantize_blocks(
             model, calib, spec, m, options, dict(layers), true_sequential=true_sequential,
             propagate=propagate, batch_size=batch_size, device=device, progress=progress,
@@ -119,6 +121,23 @@ def quantize_model(model: nn.Module, spec: QuantSpec | str, method: str = "rtn",
         tokens = 0
     return PTQResult(method, str(spec), asdict(options), records, quantized, tokens,
                      time.perf_counter() - t0)
+
+
+def _check_calib(model: nn.Module, calib) -> None:
+    """Token ids (n_samples, seq_len), integers within the vocabulary: anything else would fail
+    deep inside the first forward pass, or silently calibrate on garbage."""
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.numel() == 0:
+        shape = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
+        raise QalignError(f"calib is {shape}: give (n_samples, seq_len) token ids, e.g. "
+                          "DataBudget(128, 512).blocks(tokens)")
+    if calib.dtype not in (torch.int64, torch.int32):
+        raise QalignError(f"calib holds {calib.dtype} values: give integer token ids "
+                          "(torch.long), not embeddings or floats")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    lo, hi = int(calib.min()), int(calib.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise QalignError(f"calib holds token ids {lo}..{hi} but the model's vocabulary has "
+                          f"{vocab}; tokenize with the model's own tokenizer")
 
 
 @torch.no_grad()

@@ -20,6 +20,8 @@ A weight is (out_features, in_features); tensors of other ranks are read as (pro
 `str(spec)` gives the canonical string back ("int4" -> "int4-ch", "fp4-g32" -> "e2m1-g32").
 
 Arithmetic is float32, except formats whose range leaves float32 (E = 8), which use float64.
+`quantize` and `compute_qparams` refuse NaN/Inf weights (NonFiniteError); finite ones near the
+dtype's largest value (+-3e38 in float32) get scales whose grid stays finite (_params_from_range).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
+from numbers import Integral
 
 import torch
 
-from .errors import QalignError
+from .errors import NonFiniteError, OptionsError, QalignError
 
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "QParams",
     "QuantizedTensor",
     "ClipSearch",
+    "check_finite",
     "parse_spec",
     "compute_qparams",
     "quantize",
@@ -102,7 +106,8 @@ class QuantSpec:
             raise SpecError(f"kind={self.kind!r} is neither 'int' nor 'float'")
         if self.granularity == "group":
             if self.group_size < 1:
-                raise SpecError(f"group size must be a positive integer, got {self.group_size}")
+                raise SpecError(f"group size must be a positive integer, got {self.group_size}; "
+                                "use e.g. -g64, or -ch for one scale per output channel")
         elif self.granularity in ("channel", "tensor"):
             if self.group_size != 0:
                 raise SpecError(f"group_size is only meaningful with -g, not -{self.granularity}")
@@ -217,19 +222,55 @@ class ClipSearch:
     norm: float = 2.0
 
     def __post_init__(self):
-        if self.grid < 1:
-            raise ValueError(f"ClipSearch.grid={self.grid} must be >= 1")
-        if not 0.0 < self.max_shrink < 1.0:
-            raise ValueError(f"ClipSearch.max_shrink={self.max_shrink} must be in (0, 1)")
-        if self.norm <= 0:
-            raise ValueError(f"ClipSearch.norm={self.norm} must be > 0")
+        if isinstance(self.grid, bool) or not isinstance(self.grid, Integral) or self.grid < 1:
+            raise OptionsError(f"ClipSearch.grid={self.grid!r} must be an integer >= 1, e.g. 20")
+        if not 0.0 < self.max_shrink < 1.0:  # also refuses NaN
+            raise OptionsError(f"ClipSearch.max_shrink={self.max_shrink} is not in (0, 1); try 0.2")
+        if not 0.0 < self.norm < math.inf:
+            raise OptionsError(f"ClipSearch.norm={self.norm} must be finite and > 0; 2 is MSE")
 
 
-def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> QParams:
-    """Scales for blocks whose values lie in [lo, hi]; lo, hi have shape (rows, n_blocks, 1)."""
+def check_finite(t: torch.Tensor, what: str = "the weight", hint: str = (
+        "check the checkpoint it was loaded from, or the method that ran before this one")) -> None:
+    """Raise NonFiniteError with the count of NaN/Inf in t and the (row, column) of the first (t
+    as (prod(leading), last)). If all is well: one min/max pass, 10x faster than isfinite.all."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    if bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
+        return
+    bad = ~torch.isfinite(t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1))
+    row, col = (int(i) for i in bad.nonzero()[0])
+    raise NonFiniteError(f"{what} of shape {tuple(t.shape)} holds {int(bad.sum())} NaN/Inf "
+                         f"value(s), the first at row {row}, column {col}; {hint}")
+
+
+def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
+                       limit: float = math.inf) -> QParams:
+    """Scales for blocks whose values lie in [lo, hi]; lo, hi have shape (rows, n_blocks, 1).
+    A block whose grid would reach past `limit` (the dtype's largest value: hi - lo or some
+    code's w_hat overflows) takes the scales of its range shrunk by k, which bound every w_hat
+    by limit (1 - 1/qmax^2) (asym), limit (top + 1/2) / (top + 1) (sym), limit (1 - 2^-10) (float);
+    codes saturate. A `where` on the small scale tensors: other blocks keep today's bits."""
+    p = _plain_params(lo, hi, spec)
+    if spec.kind == "int" and not spec.symmetric:
+        reach = torch.maximum(p.zero, spec.qmax - p.zero) * p.scale  # = max |(q - z) * s|
+        k = 1 - 1 / spec.qmax
+    elif spec.kind == "int":
+        reach, k = -spec.qmin * p.scale, (spec.qmax - spec.qmin) / (spec.qmax - spec.qmin + 2)
+    else:
+        reach, k = spec.float_max * p.scale, 1 - 2.0**-10
+    fits = reach <= limit  # False for inf and NaN
+    safe = _plain_params(lo * k, hi * k, spec, halved=True)
+    return QParams(torch.where(fits, p.scale, safe.scale),
+                   None if p.zero is None else torch.where(fits, p.zero, safe.zero))
+
+
+def _plain_params(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, halved=False) -> QParams:
+    """Min/max scales of [lo, hi]; `halved` takes the asym range as (hi/2 - lo/2) * 2: finite
+    for any finite lo, hi, but off the normal path, as it may differ in the last bit."""
     if spec.kind == "int" and not spec.symmetric:
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # keep 0 exactly representable
-        scale = (hi - lo) / spec.qmax
+        scale = (hi / 2 - lo / 2) / spec.qmax * 2 if halved else (hi - lo) / spec.qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.round(-lo / scale).clamp(0, spec.qmax)
         return QParams(scale, zero)
@@ -269,16 +310,27 @@ def _from_grid(q: torch.Tensor, p: QParams) -> torch.Tensor:
 
 
 def compute_qparams(w: torch.Tensor, spec: QuantSpec | str, clip: ClipSearch | None = None) -> QParams:
-    """Min/max (or absmax) scales per block of w; with `clip`, the MSE-optimal shrink per block."""
+    """Min/max (or absmax) scales per block of w; with `clip`, the MSE-optimal shrink per block.
+    Raises NonFiniteError when w holds NaN or Inf."""
     spec = parse_spec(spec)
+    check_finite(w)
+    return _qparams(w, spec, clip)
+
+
+def _qparams(w: torch.Tensor, spec: QuantSpec, clip: ClipSearch | None,
+             out_dtype: torch.dtype | None = None) -> QParams:
+    """compute_qparams without the NaN/Inf check, for callers that checked w already (GPTQ's
+    group scales). Every w_hat stays finite in `out_dtype` (default w's dtype)."""
     wb = _blocked(w, spec)
+    out_dtype = out_dtype or (w.dtype if w.is_floating_point() else spec.compute_dtype)
+    limit = min(torch.finfo(spec.compute_dtype).max, torch.finfo(out_dtype).max)
     lo, hi = wb.amin(dim=-1, keepdim=True), wb.amax(dim=-1, keepdim=True)
-    best = _params_from_range(lo, hi, spec)
+    best = _params_from_range(lo, hi, spec, limit)
     if clip is not None:
         best_err = torch.full_like(lo, math.inf)
         for i in range(clip.grid + 1):
             shrink = 1.0 - clip.max_shrink * i / clip.grid
-            p = _params_from_range(lo * shrink, hi * shrink, spec)
+            p = _params_from_range(lo * shrink, hi * shrink, spec, limit)
             err = (_from_grid(_on_grid(wb, p, spec), p) - wb).abs().pow(clip.norm).sum(-1, keepdim=True)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -351,9 +403,11 @@ def quantize(
     qparams: QParams | None = None,
 ) -> QuantizedTensor:
     """Round w onto the grid of `spec` (round-to-nearest, ties to even). Scales come from
-    `qparams` when given, else from each block's range (optionally MSE-clipped)."""
+    `qparams` when given, else from each block's range (optionally MSE-clipped). Raises
+    NonFiniteError when w holds NaN or Inf."""
     spec = parse_spec(spec)
-    p = qparams if qparams is not None else compute_qparams(w, spec, clip)
+    check_finite(w)
+    p = qparams if qparams is not None else _qparams(w, spec, clip)
     q = _on_grid(_blocked(w, spec), _as_blocked_params(p), spec).reshape(w.shape)
     codes = q.to(_code_dtype(spec)) if spec.kind == "int" else _encode_float(q, spec)
     zero = None if p.zero is None else p.zero.to(_code_dtype(spec))

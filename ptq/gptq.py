@@ -18,17 +18,20 @@ input columns of the original order (also with act_order), so the result lies on
 
 Dead inputs (H_ii = 0) get H_ii = 1 and a zero weight column, as in the reference; when the
 damped Cholesky fails, damping grows tenfold until it succeeds, and the damping used is reported.
-The Hessian and its factorization are float64, the column updates float32.
+The Hessian and its factorization are float64, the column updates float32. W or H holding NaN/Inf
+is refused (NonFiniteError), and so is a result whose updates overflowed.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import torch
 
-from .formats import (ClipSearch, QParams, QuantSpec, compute_qparams, dequantize,
+from .errors import OptionsError, QalignError
+from .formats import (ClipSearch, QParams, QuantSpec, _qparams, check_finite, dequantize,
                       fake_quantize_broadcast, parse_spec, quantize)
 from .metrics import layer_loss
 from .registry import LayerStats, QuantResult, register_method
@@ -53,10 +56,37 @@ class GPTQOptions:
     # defaults; on SmolLM2 int3-g64 they take perplexity from 73 to 45 (README, PTQ section).
 
     def __post_init__(self):
-        if self.block_size < 1:
-            raise ValueError(f"GPTQ block_size={self.block_size} must be >= 1")
-        if not 0.0 <= self.damp < 10.0:
-            raise ValueError(f"GPTQ damp={self.damp} must be in [0, 10); 0.01 is usual")
+        _check_options(self.block_size, self.damp)
+
+
+def _check_options(block_size, damp, clip=None) -> None:
+    """OptionsError naming the fix for GPTQ numbers that would run but give garbage."""
+    if isinstance(block_size, bool) or not isinstance(block_size, Integral) or block_size < 1:
+        raise OptionsError(f"GPTQ block_size={block_size!r} must be an integer >= 1; 128 is usual")
+    if isinstance(damp, bool) or not isinstance(damp, Real) or not 0.0 <= damp < 10.0:  # NaN too
+        raise OptionsError(f"GPTQ damp={damp} must be in [0, 10); 0.01 is usual")
+    if clip is not None and not isinstance(clip, ClipSearch):
+        raise OptionsError(f"GPTQ clip={clip!r} must be a ClipSearch (e.g. ClipSearch()) or None")
+
+
+def _check_inputs(W, H, spec: QuantSpec) -> None:
+    """One-line QalignErrors for W and H that do not fit together, then the NaN/Inf checks."""
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or W.numel() == 0:
+        raise QalignError(f"GPTQ needs W as a non-empty (out, in) tensor, got "
+                          f"{tuple(W.shape) if isinstance(W, torch.Tensor) else type(W)}; "
+                          "reshape it to (out_features, in_features)")
+    n = W.shape[1]
+    if not isinstance(H, torch.Tensor) or tuple(H.shape) != (n, n):
+        raise QalignError(f"GPTQ needs H of shape (in, in) = ({n}, {n}) for W of shape "
+                          f"{tuple(W.shape)}, got {tuple(getattr(H, 'shape', ())) or type(H)}; "
+                          "accumulate H over the inputs of this very layer")
+    if H.device != W.device:
+        raise QalignError(f"GPTQ got W on {W.device} and H on {H.device}; move H to W's "
+                          "device with H.to(W.device)")
+    spec.check_shape(n, f"a weight of shape {tuple(W.shape)}")
+    check_finite(W, "GPTQ's weight W")
+    check_finite(H, "GPTQ's Hessian H", "the calibration activations overflowed: calibrate "
+                 "the model in float32 (not float16), or on fewer tokens")
 
 
 @dataclass
@@ -87,12 +117,12 @@ def inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int = 8
         "calibration inputs are degenerate (check for NaN/inf activations or use more samples)")
 
 
-def _group_params_at_start(Wc: torch.Tensor, spec: QuantSpec, clip, pos_of_group):
+def _group_params_at_start(Wc: torch.Tensor, spec: QuantSpec, clip, pos_of_group, out_dtype):
     """All group scales from the current W (static groups), in original group order."""
     n_groups = len(pos_of_group)
     scales, zeros = [], []
     for g in range(n_groups):
-        p = compute_qparams(Wc[:, pos_of_group[g]], spec.per_channel(), clip)
+        p = _qparams(Wc[:, pos_of_group[g]], spec.per_channel(), clip, out_dtype)
         scales.append(p.scale)
         zeros.append(p.zero)
     zero = None if zeros[0] is None else torch.cat(zeros, 1)
@@ -106,11 +136,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec | str, *,
     """Quantize W (out, in) with Hessian H (in, in) onto the grid of `spec` (module docstring)."""
     t0 = time.perf_counter()
     spec = parse_spec(spec)
-    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
-        raise ValueError(f"GPTQ needs W (out, in) and H (in, in); got {tuple(W.shape)} and "
-                         f"{tuple(H.shape)}")
+    _check_options(block_size, damp, clip)
+    _check_inputs(W, H, spec)
     rows, n = W.shape
-    spec.check_shape(n, f"a weight of shape {tuple(W.shape)}")
     dt = spec.compute_dtype
     H0 = H.to(torch.float64)
     Wc = W.detach().to(dt).clone()
@@ -138,10 +166,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec | str, *,
         zero = None if spec.kind != "int" or spec.symmetric else torch.zeros_like(scale)
         ready = [False] * n_groups
         if static_groups:
-            scale, zero = _group_params_at_start(Wc, spec, clip, pos_of_group)
+            scale, zero = _group_params_at_start(Wc, spec, clip, pos_of_group, W.dtype)
             ready = [True] * n_groups
     else:
-        p = compute_qparams(Wc, spec, clip)  # one scale per row (or per tensor), from W
+        p = _qparams(Wc, spec, clip, W.dtype)  # one scale per row (or per tensor), from W
         scale, zero = p.scale, p.zero
 
     # Work on W^T, (n, rows): each column of W is a contiguous row, so the per-column steps
@@ -160,7 +188,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec | str, *,
                 if not ready[g]:
                     S = pos_of_group[g]  # all >= col; current values incl. pending updates
                     cur = WT[S] - U[i1:col, S].T @ Err1[:i]  # (G, rows)
-                    pg = compute_qparams(cur.T, spec.per_channel(), clip)
+                    # W and H were checked finite; an overflow here is caught on Q below
+                    pg = _qparams(cur.T, spec.per_channel(), clip, W.dtype)
                     scale[:, g] = pg.scale[:, 0]
                     if zero is not None:
                         zero[:, g] = pg.zero[:, 0]
@@ -183,6 +212,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec | str, *,
         WT[i2:] -= U[i1:i2, i2:].T @ Err1
 
     Q = QT.T[:, inv] if act_order else QT.T
+    if not bool(torch.isfinite(Q).all()):  # the hint's max(|W|) is computed only then
+        check_finite(Q, "GPTQ's result", f"its error updates overflowed on weights up to "
+                     f"{float(W.abs().max()):.3g}; quantize this layer with rtn, or rescale it")
     qt = quantize(Q, spec, qparams=QParams(scale, zero))  # Q is on the grid: exact codes
     qt.dtype = W.dtype
     Wq = dequantize(qt)

@@ -5,14 +5,16 @@ mode: `finetune_qaft`, `finetune_lora`, `finetune_fp` (qaft.finetuning); the loo
 `qaft.train.finetune`.
 """
 
-from . import lora, train
+from . import distill, lora, train
 from .fake_quant import (INITS, SCALE_MODES, FakeQuantLinear, QAFTConfig, convert,
                          fake_quant_layers, prepare)
-from .finetuning import FinetuneResult, finetune_fp, finetune_lora, finetune_qaft
+from .finetuning import (QAFT_SEARCH_SPACE, FinetuneResult, finetune_fp, finetune_lora,
+                         finetune_qaft, trial_configs)
 from .lora import LoraOptions, merge_and_requantize, prepare_lora
 from .train import TrainConfig, TrainResult, finetune
 
 __all__ = ["FakeQuantLinear", "FinetuneResult", "INITS", "LoraOptions", "QAFTConfig",
-           "SCALE_MODES", "TrainConfig", "TrainResult", "convert", "fake_quant_layers",
-           "finetune", "finetune_fp", "finetune_lora", "finetune_qaft", "lora",
-           "merge_and_requantize", "prepare", "prepare_lora", "train"]
+           "QAFT_SEARCH_SPACE", "SCALE_MODES", "TrainConfig", "TrainResult", "convert",
+           "distill", "fake_quant_layers", "finetune", "finetune_fp", "finetune_lora",
+           "finetune_qaft", "lora", "merge_and_requantize", "prepare", "prepare_lora", "train",
+           "trial_configs"]

@@ -11,7 +11,32 @@ summed over the block and multiplied by LSQ's step-size gradient scale 1 / sqrt(
 
 Scales: "dynamic" recomputes min/max scales from the current weight every forward (RTN at every
 step); "fixed" keeps the scales it was initialized with (from RTN, the MSE clip search, or a GPTQ
-solution); "learned" makes them parameters (LSQ). Zero points stay fixed in "fixed"/"learned".
+solution); "learned" makes them parameters (LSQ). Zero points stay fixed in "fixed"/"learned",
+unless `learn_zero`.
+
+Learned zero points (learn_zero, asymmetric int grids with learned scales; LSQ+, Bhalgat et al.
+2020, arXiv 2004.09576, in the form EfficientQAT uses): z is a float parameter in code units, used
+rounded, z_r = clamp(round(z), 0, qmax), so the forward stays PTQ's integer-zero grid and converts
+to integer codes; round and clamp pass the gradient straight through. From
+W_hat = (clamp(round(W/s) + z_r, 0, qmax) - z_r) * s:
+  dW_hat/dz = 0 inside the range (W_hat = round(W/s) * s does not depend on z), -s outside
+  (W_hat = (q_edge - z_r) * s),
+summed over the block and scaled by the same 1 / sqrt(block * qmax) as the scale (LSQ+ does so).
+The scale's gradient is unchanged (z_r is constant in s). z moves about lr code units per AdamW
+step, so at lr 1e-4 a zero point needs thousands of steps to cross a rounding boundary.
+
+The clipped STE under dynamic scales (clip_dynamic): the range [lo, hi] = [-z s, (qmax - z) s]
+with the rounded zero point z (or [qmin s, qmax s] of a symmetric grid, whose qmax s is below the
+absmax) misses the group's own [min, max] by up to half a step. Measured on Gaussian groups
+(tests/qaft/test_ste_extremes.py): one of the two extremes of nearly every asymmetric group counts
+as outside (50% of the extremes at int2/3/4-g64; 30-47% with -sym, the positive one), with 4.2% /
+0.8% / 0.3% of the other weights (those within half a step of the edge at int2 / int3 / int4), and
+they lose their gradient at every step, although the grid is rebuilt from these very weights and
+the clamp changes nothing for them beyond a rounding tie (they round to the edge code). With
+clip_dynamic=False every weight counts as inside under dynamic scales (nothing lies outside its
+group's own [min, max], so the clipped STE is the plain STE there); weights outside a fixed or
+learned range still get no gradient. The default True keeps the gradients the published figures
+were made with.
 """
 
 from __future__ import annotations
@@ -47,6 +72,15 @@ class QAFTConfig:
                 "scales) or learned (LSQ); default: dynamic for rtn, fixed for mse and gptq"})
     clipped_ste: bool = field(default=True, metadata={
         "help": "no gradient for weights outside their block's representable range"})
+    clip_dynamic: bool = field(default=True, metadata={
+        "help": "with dynamic scales, the clipped STE also drops the gradient of the group "
+                "extremes that the rounded zero point (or the symmetric grid) leaves just "
+                "outside the range; false: under dynamic scales every weight keeps its gradient "
+                "(the group's min/max define the range)"})
+    learn_zero: bool = field(default=False, metadata={
+        "help": "learn the zero points too (LSQ+: a float zero point, rounded in the forward "
+                "with a straight-through gradient); needs scale_mode learned and an asymmetric "
+                "int grid"})
 
     def __post_init__(self):
         if self.init not in INITS:
@@ -58,6 +92,9 @@ class QAFTConfig:
             raise OptionsError(f"init={self.init} with scale_mode=dynamic would discard the "
                                f"{self.init} scales at the first step (dynamic recomputes "
                                "min/max scales); use scale_mode fixed or learned, or init rtn")
+        if self.learn_zero and self.scales != "learned":
+            raise OptionsError(f"learn_zero learns the zero points beside learned scales; "
+                               f"scale_mode is {self.scales}: use scale_mode learned")
 
     @property
     def scales(self) -> str:
@@ -71,14 +108,16 @@ class _FakeQuantSTE(torch.autograd.Function):
     """W_hat = fake_quantize_with(W, (scale, zero), spec); straight-through backward."""
 
     @staticmethod
-    def forward(ctx, weight, scale, zero, spec, clipped, lsq):
+    def forward(ctx, weight, scale, zero, spec, clipped, lsq, learn_zero):
+        if learn_zero:  # a float zero point, used rounded onto the integer codes
+            zero = torch.round(zero).clamp(spec.qmin, spec.qmax)
         p = QParams(scale, zero)
         w_hat = fake_quantize_with(weight, p, spec)
         need_mask = clipped or lsq
         inside = None
         if need_mask:
             inside = inside_range(weight, p, spec)
-        ctx.spec, ctx.clipped, ctx.lsq = spec, clipped, lsq
+        ctx.spec, ctx.clipped, ctx.lsq, ctx.learn_zero = spec, clipped, lsq, learn_zero
         ctx.save_for_backward(weight, w_hat if lsq else None, scale if lsq else None, inside)
         return w_hat
 
@@ -87,14 +126,17 @@ class _FakeQuantSTE(torch.autograd.Function):
         weight, w_hat, scale, inside = ctx.saved_tensors
         spec = ctx.spec
         grad_w = grad * inside if ctx.clipped else grad
-        grad_s = None
+        grad_s = grad_z = None
         if ctx.lsq:
             s = expand_blocks(scale, weight.shape, spec)
             d = (w_hat - weight * inside) / s
             block = weight.numel() // scale.numel()
             top = spec.qmax if spec.kind == "int" else spec.float_max
             grad_s = sum_blocks(grad * d, spec).to(scale.dtype) / math.sqrt(block * top)
-        return grad_w, grad_s, None, None, None, None
+            if ctx.learn_zero:  # dW_hat/dz: 0 inside the range, -s outside
+                grad_z = -sum_blocks(grad * s * ~inside, spec).to(scale.dtype) / math.sqrt(
+                    block * top)
+        return grad_w, grad_s, grad_z, None, None, None, None
 
 
 class FakeQuantLinear(nn.Module):
@@ -105,16 +147,21 @@ class FakeQuantLinear(nn.Module):
     wraps_linear = True  # the tree walker (ptq.layers) does not descend into it
 
     def __init__(self, linear: nn.Module, spec: QuantSpec | str, *, scale_mode: str = "dynamic",
-                 init: str | QuantizedTensor = "rtn", clipped_ste: bool = True):
+                 init: str | QuantizedTensor = "rtn", clipped_ste: bool = True,
+                 clip_dynamic: bool = True, learn_zero: bool = False):
         super().__init__()
         if scale_mode not in SCALE_MODES:
             raise OptionsError(f"scale_mode={scale_mode!r}: use one of {SCALE_MODES}")
         self.spec = parse_spec(spec)
+        if learn_zero:
+            _check_learn_zero(self.spec, scale_mode)
         weight = linear_weight(linear)  # (out, in) view
         self.spec.check_shape(weight.shape[1], "this layer")
         self.linear = linear  # shares weight and bias; restored by to_linear
         self.scale_mode = scale_mode
         self.clipped_ste = clipped_ste
+        self.clip_dynamic = clip_dynamic
+        self.learn_zero = learn_zero
         if isinstance(init, QuantizedTensor):
             if init.spec != self.spec or init.codes.shape != weight.shape:
                 raise OptionsError(f"init QuantizedTensor is {init.spec} "
@@ -135,7 +182,11 @@ class FakeQuantLinear(nn.Module):
             self.scale = nn.Parameter(scale)
         else:
             self.register_buffer("scale", scale)
-        self.register_buffer("zero", None if p.zero is None else p.zero.to(torch.float32))
+        zero = None if p.zero is None else p.zero.to(torch.float32)
+        if learn_zero:
+            self.zero = nn.Parameter(zero)
+        else:
+            self.register_buffer("zero", zero)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec | str, **kwargs) -> "FakeQuantLinear":
@@ -155,15 +206,22 @@ class FakeQuantLinear(nn.Module):
         return self.linear.bias
 
     def qparams(self) -> QParams:
+        """The scales and zero points the forward uses (a learned zero point rounded)."""
         if self.scale_mode == "dynamic":
             return compute_qparams(linear_weight(self.linear).detach(), self.spec)
+        if self.learn_zero:
+            zero = torch.round(self.zero.detach()).clamp(self.spec.qmin, self.spec.qmax)
+            return QParams(self.scale, zero)
         return QParams(self.scale, self.zero)
 
     def quantized_weight(self) -> torch.Tensor:
         """W_hat (out, in) with the STE attached (what forward multiplies by)."""
         p = self.qparams()
-        return _FakeQuantSTE.apply(linear_weight(self.linear), p.scale, p.zero, self.spec,
-                                   self.clipped_ste, self.scale_mode == "learned")
+        # under dynamic scales nothing lies outside the group's own [min, max] (clip_dynamic)
+        clipped = self.clipped_ste and (self.clip_dynamic or self.scale_mode != "dynamic")
+        zero = self.zero if self.learn_zero else p.zero  # the STE rounds a learned one
+        return _FakeQuantSTE.apply(linear_weight(self.linear), p.scale, zero, self.spec,
+                                   clipped, self.scale_mode == "learned", self.learn_zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.quantized_weight(), self.linear.bias)
@@ -178,7 +236,17 @@ class FakeQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         out_features, in_features = linear_weight(self.linear).shape
         return (f"in_features={in_features}, out_features={out_features}, "
-                f"spec={self.spec}, scale_mode={self.scale_mode}, clipped_ste={self.clipped_ste}")
+                f"spec={self.spec}, scale_mode={self.scale_mode}, clipped_ste={self.clipped_ste}"
+                f"{'' if self.clip_dynamic else ', clip_dynamic=False'}"
+                f"{', learn_zero=True' if self.learn_zero else ''}")
+
+
+def _check_learn_zero(spec: QuantSpec, scale_mode: str) -> None:
+    if spec.kind != "int" or spec.symmetric:
+        raise OptionsError(f"learn_zero learns the zero points of an asymmetric int grid; "
+                           f"{spec} has none: use a spec such as int3-g64, or learn_zero false")
+    if scale_mode != "learned":
+        raise OptionsError(f"learn_zero needs scale_mode 'learned', not {scale_mode!r}")
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -197,6 +265,8 @@ def prepare(model: nn.Module, spec: QuantSpec | str, config: QAFTConfig = QAFTCo
     if fake_quant_layers(model):
         raise OptionsError("the model already holds fake-quantized layers; call qaft.convert "
                            "(or start from a fresh model) before preparing it again")
+    if config.learn_zero:
+        _check_learn_zero(spec, config.scales)  # before any layer is swapped
     chosen = select_linears(model, filter_fn)
     for name, module in chosen:
         spec.check_shape(linear_weight(module).shape[1], name)
@@ -212,7 +282,8 @@ def prepare(model: nn.Module, spec: QuantSpec | str, config: QAFTConfig = QAFTCo
     for name, module in chosen:
         layer_init = solution[name] if solution is not None else config.init
         fq = FakeQuantLinear(module, spec, scale_mode=config.scales, init=layer_init,
-                             clipped_ste=config.clipped_ste)
+                             clipped_ste=config.clipped_ste, clip_dynamic=config.clip_dynamic,
+                             learn_zero=config.learn_zero)
         _swap(model, name, fq)
         swapped[name] = fq
     return swapped

@@ -23,6 +23,14 @@ held-out NLL), stored as `eval_nll` when it returns a number, merged into the ro
 With `checkpoint_dir`, a checkpoint (`qaft.checkpoints`) is written every `checkpoint_every` steps
 and at the end; `resume=True` continues from the latest one with the same data order, optimizer,
 schedule and RNG state, so the result is bit-identical to an uninterrupted run.
+
+The loss is the next-token NLL of the blocks, or with loss "kd" the KL divergence from a frozen FP
+`teacher` on the same blocks (`qaft.distill`); rows then hold the NLL of the batch too
+(`batch_nll`). With `validate_every`, `validate_fn(model)` (a validation NLL) runs at step 0, every
+`validate_every` steps and at the last step, recorded as `val_nll` (step 0 in a row of its own);
+the trainable state at the best value is kept (a CPU copy) and restored at the end
+(`restore_best`), and after `patience` validations without improvement the run stops early. The
+best state and its step are part of the checkpoints, so a resumed run keeps them.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from ptq.metrics import relative_output_error
 from .checkpoints import (checkpoint_meta, latest_checkpoint, load_checkpoint, rng_state,
                           save_checkpoint, set_rng_state)
 from .data import DataSource, TokenBlocks
+from .distill import LOSSES, causal_nll, kd_loss
 from .fake_quant import FakeQuantLinear, fake_quant_layers
 from .schedules import SCHEDULES, lr_factor
 
@@ -85,17 +94,32 @@ class TrainConfig:
                 "(0: only at the end)"})
     keep_checkpoints: int = field(default=1, metadata={
         "help": "how many of the latest checkpoints to keep"})
+    loss: str = field(default="nll", metadata={
+        "help": "nll (next-token NLL of the blocks) or kd (KL from the frozen FP model's "
+                "next-token distributions on the same blocks; QAFT and LoRA keep a copy of the FP "
+                "model as teacher: one more copy of the weights in memory)"})
+    validate_every: int = field(default=0, metadata={
+        "help": "run validate_fn at step 0, every k optimizer steps and at the last step, and "
+                "keep the state of the best validation NLL (0: never)"})
+    patience: int = field(default=0, metadata={
+        "help": "stop after this many validations without improvement (0: never stop early; "
+                "the best state is kept all the same)"})
+    restore_best: bool = field(default=True, metadata={
+        "help": "with validate_every: end with the state of the best validation (false: the "
+                "last state; the best is recorded either way)"})
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise OptionsError(f"schedule={self.schedule!r}: use one of {SCHEDULES}")
+        if self.loss not in LOSSES:
+            raise OptionsError(f"loss={self.loss!r}: use one of {', '.join(LOSSES)}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise OptionsError(f"mixed_precision={self.mixed_precision!r}: use no, bf16 or fp16")
         for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise OptionsError(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("max_steps", "max_tokens", "warmup_steps", "local_every", "eval_every",
-                     "checkpoint_every"):
+                     "checkpoint_every", "validate_every", "patience"):
             if getattr(self, name) < 0:
                 raise OptionsError(f"{name}={getattr(self, name)} must be >= 0 (0: "
                                    f"{'none' if name == 'warmup_steps' else 'off'})")
@@ -119,6 +143,10 @@ class TrainConfig:
             raise OptionsError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
         if not 0 < self.decay_fraction <= 1:
             raise OptionsError(f"decay_fraction={self.decay_fraction} must lie in (0, 1]")
+        if self.patience and not self.validate_every:
+            raise OptionsError(f"patience={self.patience} counts validations, and "
+                               "validate_every=0 runs none; set validate_every (and pass "
+                               "validate_fn), or leave patience at 0")
 
 
 @dataclass
@@ -131,14 +159,20 @@ class TrainResult:
     seconds: float  # wall time of the whole run, summed over its resumed parts
     world_size: int = 1
     resumed_from: int = 0  # the optimizer step a resumed run started at (0: from scratch)
+    # with validate_every: the step (0: before training) and value of the best validation, and
+    # whether patience ran out before the budget did
+    best_step: int | None = None
+    best_val_nll: float | None = None
+    stopped_early: bool = False
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     """AdamW parameter groups: weight decay on weight matrices only.
 
     Biases and normalization gains (ndim < 2), embeddings (every nn.Embedding's parameters, so a
-    tied lm_head too) and LSQ scales get none: decay pulls them toward 0, which changes what the
-    layer computes (a norm gain or a quantization step of 0) instead of regularizing it. With
+    tied lm_head too) and LSQ scales and zero points get none: decay pulls them toward 0, which
+    changes what the layer computes (a norm gain or a quantization step of 0) instead of
+    regularizing it. With
     config.decay_all_params every trainable parameter is decayed, in one group.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -148,8 +182,9 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             exempt.update(id(p) for p in module.parameters(recurse=False))
-        if isinstance(module, FakeQuantLinear) and isinstance(module.scale, nn.Parameter):
-            exempt.add(id(module.scale))
+        if isinstance(module, FakeQuantLinear):
+            exempt.update(id(t) for t in (module.scale, module.zero)
+                          if isinstance(t, nn.Parameter))
     decay = [p for p in trainable if p.ndim >= 2 and id(p) not in exempt]
     no_decay = [p for p in trainable if p.ndim < 2 or id(p) in exempt]
     return [g for g in ({"params": decay, "weight_decay": config.weight_decay},
@@ -207,8 +242,10 @@ def _local_references(model: nn.Module, local_inputs, local_reference) -> dict[s
 
 def _check_resumable(meta: dict, config: TrainConfig, world: int, source: DataSource, path) -> None:
     mine = json.loads(json.dumps(asdict(config)))  # as the checkpoint's JSON stores it
-    changed = [f"{k}: {meta['config'].get(k)!r} there, {v!r} here" for k, v in mine.items()
-               if meta["config"].get(k) != v]
+    # a field the checkpoint lacks is newer than it: that run had the field's default behaviour
+    theirs = {**json.loads(json.dumps(asdict(TrainConfig()))), **meta["config"]}
+    changed = [f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in mine.items()
+               if theirs.get(k) != v]
     if changed:
         raise OptionsError(f"the checkpoint {path} was written under another TrainConfig ("
                            f"{'; '.join(changed)}); resume with the same config, or start a new "
@@ -219,24 +256,69 @@ def _check_resumable(meta: dict, config: TrainConfig, world: int, source: DataSo
                            f"{[source.num_blocks, source.seq_len]}; resume with the same ones")
 
 
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of everything training changes: the parameters with requires_grad, and the
+    scale/zero buffers of the fake-quantized layers."""
+    state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+             if p.requires_grad}
+    for name, fq in fake_quant_layers(model).items():
+        for b, t in fq.named_buffers(recurse=False):
+            state[f"{name}.{b}" if name else b] = t.detach().to("cpu", copy=True)
+    return state
+
+
+@torch.no_grad()
+def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, value in state.items():
+        tensors[name].copy_(value)
+
+
+def _check_extras(model, config: TrainConfig, teacher, validate_fn) -> None:
+    if config.loss == "kd" and teacher is None:
+        raise OptionsError("loss kd distills from a frozen FP model: pass teacher= (a copy of the "
+                           "model made before qaft.prepare; qaft.finetune_qaft makes one)")
+    if teacher is not None and config.loss != "kd":
+        raise OptionsError(f"a teacher was given but loss is {config.loss!r}; set "
+                           "TrainConfig(loss='kd'), or leave teacher out")
+    if teacher is not None and teacher is model:
+        raise OptionsError("the teacher is the model being trained (its KL to itself is 0); pass "
+                           "a frozen copy, e.g. copy.deepcopy(model) before qaft.prepare")
+    if config.validate_every and validate_fn is None:
+        raise OptionsError(f"validate_every={config.validate_every} needs validate_fn=, a "
+                           "callable(model) -> validation NLL")
+    if validate_fn is not None and not config.validate_every:
+        raise OptionsError("validate_fn is called every validate_every steps, and "
+                           "validate_every is 0: set TrainConfig(validate_every=k), or leave "
+                           "validate_fn out")
+
+
 def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
              config: TrainConfig = TrainConfig(), *,
              local_inputs: dict[str, torch.Tensor] | None = None,
              local_reference: dict[str, torch.Tensor] | None = None,
              eval_fn: Callable[[nn.Module], float | dict] | None = None,
              progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
-             resume: bool = False) -> TrainResult:
+             resume: bool = False, teacher: nn.Module | None = None,
+             validate_fn: Callable[[nn.Module], float] | None = None) -> TrainResult:
     """Train `model` (fake-quantized or not) on `blocks` as `config` says.
 
     blocks: the (n, seq_len) token blocks, or a `qaft.data.DataSource`.
     local_inputs: {layer name: X (m, in)} held-out inputs of fake-quantized layers, and
     local_reference: {layer name: FP weight (out, in)}, for the local-loss record.
     checkpoint_dir: where checkpoints go; resume: continue from its latest checkpoint if any.
+    teacher: with loss "kd", the frozen FP model (same vocabulary), put in eval mode and on the
+    training device; its logits are computed per micro-batch under no_grad, in the same mixed
+    precision as the student. It costs its weights' memory and one forward per micro-batch
+    (about a third of a step), and is not part of the checkpoints: pass the same one to resume.
+    validate_fn: with validate_every, callable(model) -> validation NLL, run in eval mode under
+    no_grad (the main process's value decides for all); the best trainable state is kept as a
+    CPU copy (one more copy of the trained weights) and written into the checkpoints too.
     Dropout draws from the caller's global torch RNG, as in any torch loop; a resumed run restores
     the state the checkpoint saved. The model is trained in place and returned unwrapped.
     """
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
+    from accelerate.utils import broadcast_object_list, gather_object
 
     source = TokenBlocks(blocks) if isinstance(blocks, torch.Tensor) else blocks
     if not isinstance(source, DataSource):
@@ -253,6 +335,8 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
         raise OptionsError(f"{checkpoint_dir} already holds the checkpoint {latest.name}; pass "
                            "resume=True to continue that run, or use an empty checkpoint_dir")
     references = _local_references(model, local_inputs, local_reference)
+    _check_extras(model, config, teacher, validate_fn)
+    kd, validating = config.loss == "kd", config.validate_every > 0
 
     # Without an accelerator, cpu=True is what lets accelerate run several CPU processes (gloo)
     on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
@@ -272,6 +356,8 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
     history: list[dict] = []
     seen: set[int] = set()
     saved_rng = None
+    # validation: the best value, its step and trainable state, validations since, stopped?
+    best_val, best_step, best_state, bad_evals, stopped_early = None, None, None, 0, False
     if latest is not None:
         meta = checkpoint_meta(latest)
         _check_resumable(meta, config, world, source, latest)  # before touching the model
@@ -282,6 +368,10 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
         tokens, elapsed, history = meta["tokens_processed"], meta["seconds"], meta["history"]
         seen = set(tensors["seen"].tolist())
         saved_rng = tensors["rng"][rank]
+        if validating:
+            best = meta["best"]
+            best_val, best_step, bad_evals = best["val_nll"], best["step"], best["bad_evals"]
+            stopped_early, best_state = best["stopped_early"], tensors.get("best")
     resumed_from = step
     model.train()
     # the scheduler stays outside accelerate, which would step it once per process
@@ -290,6 +380,26 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
         if accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(tensors["scaler"])
         set_rng_state(saved_rng, accelerator.device)  # last, after anything that might draw
+    if teacher is not None:
+        teacher.eval().to(accelerator.device)
+
+    def validate() -> float:
+        """Run validate_fn, track the best state; the main process's value decides for all."""
+        nonlocal best_val, best_step, best_state, bad_evals, stopped_early
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        with torch.no_grad():
+            value = float(validate_fn(unwrapped))
+        unwrapped.train()
+        value = broadcast_object_list([value])[0]
+        if not math.isnan(value) and (best_val is None or value < best_val):
+            best_val, best_step, bad_evals = value, step, 0
+            best_state = _trainable_state(unwrapped)
+        else:
+            bad_evals += 1
+            stopped_early = (bool(config.patience) and bad_evals >= config.patience
+                             and step < total_steps)  # at the last step it simply ends
+        return value
 
     def write_checkpoint():
         rngs = gather_object([rng_state(accelerator.device)])  # every process's own state
@@ -302,14 +412,23 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
                     "data": [source.num_blocks, seq_len], "step": step, "epoch": epoch,
                     "next_batch": batch_index, "tokens_processed": tokens,
                     "seconds": elapsed + time.perf_counter() - t0, "history": history}
+            if validating:
+                if best_state is not None:
+                    state["best"] = best_state
+                meta["best"] = {"val_nll": best_val, "step": best_step, "bad_evals": bad_evals,
+                                "stopped_early": stopped_early}
             save_checkpoint(checkpoint_dir, step, accelerator.unwrap_model(model), state, meta,
                             keep=config.keep_checkpoints)
         accelerator.wait_for_everyone()
 
     t0 = time.perf_counter()
+    if validating and latest is None:  # step 0: no training at all may be best
+        value = validate()
+        history.append({"step": 0, "epoch": 0, "tokens_processed": 0, "unique_tokens": 0,
+                        "seconds": time.perf_counter() - t0, "val_nll": value})
     with tqdm(total=total_steps, initial=step, desc="finetune",
               disable=not (progress and accelerator.is_main_process)) as bar:
-        while step < total_steps:
+        while step < total_steps and not stopped_early:
             read_any = False
             for ids, batch in source.batches(config.seed, epoch, per_step, batch_index):
                 read_any = True
@@ -318,7 +437,14 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
                 mine = batch[rank * config.batch_size:(rank + 1) * config.batch_size]
                 mine = mine.to(accelerator.device)
                 with accelerator.accumulate(model):
-                    loss = model(input_ids=mine, labels=mine, use_cache=False).loss
+                    if kd:
+                        logits = model(input_ids=mine, use_cache=False).logits
+                        with torch.no_grad(), accelerator.autocast():
+                            target = teacher(input_ids=mine, use_cache=False).logits
+                        loss = kd_loss(logits, target)
+                        nll = causal_nll(logits.detach(), mine)
+                    else:
+                        loss = model(input_ids=mine, labels=mine, use_cache=False).loss
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.grad_clip > 0:
                         accelerator.clip_grad_norm_(params, config.grad_clip)
@@ -328,6 +454,8 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
                     prepared_optimizer.zero_grad()
                 tokens += per_step * seq_len
                 mean_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
+                if kd:
+                    mean_nll = float(accelerator.reduce(nll, reduction="mean"))
                 if not accelerator.sync_gradients:
                     continue
                 seconds = elapsed + time.perf_counter() - t0
@@ -335,6 +463,8 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
                        "lr": config.lr * lr_factor(step, total_steps, config),
                        "tokens_processed": tokens, "unique_tokens": len(seen) * seq_len,
                        "seconds": seconds}
+                if kd:
+                    row["batch_nll"] = mean_nll  # the plain NLL of the same batch and logits
                 step += 1
                 if references and config.local_every and step % config.local_every == 0:
                     layers = fake_quant_layers(accelerator.unwrap_model(model))
@@ -351,15 +481,17 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
                     row.update(measured if isinstance(measured, dict)
                                else {"eval_nll": float(measured)})
                     unwrapped.train()
+                if validating and (step % config.validate_every == 0 or step == total_steps):
+                    row["val_nll"] = validate()
                 history.append(row)
                 # after eval, so that the checkpoint holds the complete row and the RNG as the
                 # next step will find it
-                if checkpoint_dir is not None and (step == total_steps or (
+                if checkpoint_dir is not None and (step == total_steps or stopped_early or (
                         config.checkpoint_every and step % config.checkpoint_every == 0)):
                     write_checkpoint()
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
-                if step >= total_steps:
+                if step >= total_steps or stopped_early:
                     break
             else:  # the epoch is exhausted: the next one, in a new order
                 if not read_any and batch_index == 0:
@@ -367,6 +499,9 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
                                        f"in epoch {epoch}; give more blocks or a smaller batch")
                 epoch, batch_index = epoch + 1, 0
     model = accelerator.unwrap_model(model)
+    if validating and config.restore_best and best_state is not None:
+        _load_trainable_state(model, best_state)
     model.eval()
     return TrainResult(history, asdict(config), step, tokens, len(seen) * seq_len,
-                       elapsed + time.perf_counter() - t0, world, resumed_from)
+                       elapsed + time.perf_counter() - t0, world, resumed_from, best_step,
+                       best_val, stopped_early)

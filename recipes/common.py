@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 from importlib import metadata
@@ -14,11 +15,28 @@ from compare.io import read_json
 from ptq.errors import OptionsError, QalignError
 from ptq.layers import linear_weight, quantizable_linears, set_linear_weight
 
-__all__ = ["ConfigError", "check_specs", "out_folder", "resolve_device", "versions", "finished_rows", "WeightSnapshot"]
+__all__ = ["ConfigError", "at_least", "check_specs", "out_folder", "out_file", "resolve_device",
+           "versions", "finished_rows", "WeightSnapshot"]
 
 
 class ConfigError(QalignError):
     """A recipe configuration that cannot run, with what to change."""
+
+
+def at_least(kind, low):
+    """An argparse type: a `kind` (int or float) number >= low; NaN is refused too."""
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}; give {what} >= {low}"
+                                             ) from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"{text} is too small; give {what} >= {low}")
+        return value
+    return parse
 
 
 def resolve_device(name: str) -> str:
@@ -31,14 +49,33 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def out_folder(path: str) -> Path:
-    """A folder the command may write: not an existing file, its parent writable."""
+def _check_writable(out: Path, flag: str, folder: Path) -> None:
+    """`out` can be written: the nearest existing one of `folder` (the folder `out` is or goes
+    into) and its ancestors is a folder this process may write in."""
+    folder = folder.absolute()
+    parent = next(q for q in (folder, *folder.parents) if q.exists())
+    if not parent.is_dir():
+        raise OptionsError(f"{flag} {out}: {parent} is a file, so nothing can be written under "
+                           "it; choose another path")
+    if not os.access(parent, os.W_OK):
+        raise OptionsError(f"{flag} {out}: {parent} is not writable; choose another path")
+
+
+def out_folder(path: str, flag: str = "--out") -> Path:
+    """A folder the command may write: not an existing file, not under a file, writable."""
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise OptionsError(f"--out {out} is a file; give a folder path")
-    parent = out if out.exists() else next((q for q in out.parents if q.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise OptionsError(f"--out {out}: {parent} is not writable; choose another folder")
+        raise OptionsError(f"{flag} {out} is a file; give a folder path")
+    _check_writable(out, flag, out)
+    return out
+
+
+def out_file(path: str, flag: str) -> Path:
+    """A file the command may (re)write at the end: not a folder, not under a file, writable."""
+    out = Path(path)
+    if out.is_dir():
+        raise OptionsError(f"{flag} {out} is a folder; give a file path such as {out / 'x.json'}")
+    _check_writable(out, flag, out.parent)
     return out
 
 
@@ -56,9 +93,16 @@ def versions() -> dict:
 def finished_rows(results_path, config: dict, fresh: bool) -> list[dict]:
     """Rows a previous run of the same config left in results_path (resume), else []. A file
     from another config is an error rather than something silently mixed in or overwritten."""
-    previous = None if fresh else read_json(results_path)
+    damaged = (f"{results_path} is not a results file of this recipe (damaged, or written by "
+               "something else); use another --out, or --fresh to replace it")
+    try:
+        previous = None if fresh else read_json(results_path)
+    except ValueError:  # not JSON, or not UTF-8
+        raise ConfigError(damaged) from None
     if previous is None:
         return []
+    if not isinstance(previous, dict) or not {"config", "rows"} <= previous.keys():
+        raise ConfigError(damaged)
     if previous["config"] != config:
         raise ConfigError(f"{results_path} holds results of another config; use another --out, "
                           "or --fresh to discard them")

@@ -18,9 +18,11 @@ import qaft
 from ptq.errors import OptionsError
 from ptq.gptq import GPTQOptions
 from qaft import FinetuneResult, LoraOptions, QAFTConfig, TrainConfig
+from qaft.checkpoints import latest_checkpoint
 from recipes.flags import add_dataclass_flags, flag_name, from_args, given_fields
 
-__all__ = ["MODES", "FinetuneSetup", "add_finetune_flags", "finetune_setup", "run_finetune"]
+__all__ = ["MODES", "FinetuneSetup", "add_finetune_flags", "finetune_setup", "check_finetune_run",
+           "run_finetune"]
 
 MODES = ("qaft", "lora", "fp")
 
@@ -71,6 +73,24 @@ def finetune_setup(args) -> FinetuneSetup:
                                  "--lora-init gptq (lora)")
     gptq = GPTQOptions(**g_given) if starts_from_gptq else None
     return FinetuneSetup(mode, train, q, lora, gptq)
+
+
+def check_finetune_run(setup: FinetuneSetup, device: str, samples: int, checkpoint_dir,
+                       resume: bool) -> None:
+    """What the training loop would refuse only after the model and text are loaded, checked
+    before: fp16 off CUDA, fewer blocks than one batch, a checkpoint left by an earlier run."""
+    train = setup.train
+    if train.mixed_precision == "fp16" and not device.startswith("cuda"):
+        raise OptionsError("--mixed-precision fp16 needs a CUDA GPU (its loss scaling is "
+                           f"CUDA's), and this run is on {device}; use --mixed-precision bf16 "
+                           "or no")
+    if samples < train.batch_size:
+        raise OptionsError(f"--samples {samples} blocks cannot fill one batch of --batch-size "
+                           f"{train.batch_size}; lower --batch-size or raise --samples")
+    latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if latest is not None and not resume:
+        raise OptionsError(f"{checkpoint_dir} already holds the checkpoint {latest.name} of an "
+                           "earlier run; add --resume to continue it, or choose another --out")
 
 
 def run_finetune(model, blocks, spec: str | None, setup: FinetuneSetup, *, local_inputs=None,

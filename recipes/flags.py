@@ -49,33 +49,37 @@ def _item_type(tp):
     return None
 
 
+def _bad(where: str, what: str) -> OptionsError:
+    return OptionsError(f"{where}: {what}" if where else what)
+
+
 def _scalar(value, tp, where: str):
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise OptionsError(f"{where}: {value!r} is not true or false")
+        raise _bad(where, f"{value!r} is not true or false; give true or false")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise OptionsError(f"{where}: {value!r} is not an integer")
+            raise _bad(where, f"{value!r} is not an integer; give a whole number")
         try:
             return int(value)
         except ValueError:
-            raise OptionsError(f"{where}: {value!r} is not an integer") from None
+            raise _bad(where, f"{value!r} is not an integer; give a whole number") from None
     if tp is float:
         if isinstance(value, bool):
-            raise OptionsError(f"{where}: {value!r} is not a number")
+            raise _bad(where, f"{value!r} is not a number; give a finite number")
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise OptionsError(f"{where}: {value!r} is not a number") from None
+            raise _bad(where, f"{value!r} is not a number; give a finite number") from None
         if not math.isfinite(number):
-            raise OptionsError(f"{where}: {value!r} is not a finite number")
+            raise _bad(where, f"{value!r} is not a finite number; give a finite number")
         return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise OptionsError(f"{where}: {value!r} is not a string")
+            raise _bad(where, f"{value!r} is not a string; give one value")
         return str(value)
     return value
 
@@ -86,12 +90,24 @@ def coerce(value, tp, where: str):
     if value is None:
         if optional:
             return None
-        raise OptionsError(f"{where}: a value is required")
+        raise _bad(where, "a value is required")
     item = _item_type(tp)
     if item is not None:
         values = value if isinstance(value, (list, tuple)) else [value]
         return tuple(_scalar(v, item, where) for v in values)
     return _scalar(value, tp, where)
+
+
+def _flag_type(tp):
+    """An argparse type converting one flag value with `_scalar`: a bad value becomes argparse's
+    own one-line error (`argument --lr: 'nan' is not a finite number; ...`), not the bare
+    'invalid value' argparse prints for a ValueError."""
+    def convert(text):
+        try:
+            return _scalar(text, tp, "")
+        except OptionsError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
 
 
 def flag_name(name: str, prefix: str = "") -> str:
@@ -118,20 +134,13 @@ def add_dataclass_flags(parser, cls, *, prefix: str = "", exclude=(), defaults=N
         tp, _ = _unwrap_optional(field_types(cls)[f.name])
         flag = flag_name(f.name, prefix)
         text = f"{f.metadata.get('help', f.name)} ({default_label}: {_show(shown[f.name])})"
-        where = flag
-
-        def convert(text_value, tp=tp, where=where):
-            return coerce(text_value, tp, where)
-
         kwargs = dict(dest=_dest(f.name, prefix), default=argparse.SUPPRESS, help=text)
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif _item_type(tp) is not None:
-            item = _item_type(tp)
-            parser.add_argument(flag, nargs="*", type=lambda v, item=item, where=where:
-                                _scalar(v, item, where), **kwargs)
+            parser.add_argument(flag, nargs="*", type=_flag_type(_item_type(tp)), **kwargs)
         else:
-            parser.add_argument(flag, type=convert, **kwargs)
+            parser.add_argument(flag, type=_flag_type(tp), **kwargs)
         flags.append(flag)
     return flags
 

@@ -25,7 +25,8 @@ from compare.models import check_seq_len, load_model
 from ptq import quantize_model
 from ptq.formats import parse_spec
 from ptq.registry import get_method
-from recipes.common import WeightSnapshot, finished_rows, out_folder, resolve_device, versions
+from recipes.common import (WeightSnapshot, at_least, check_specs, finished_rows, out_folder,
+                            resolve_device, versions)
 from recipes.flags import from_args
 from recipes.quantization import CalibConfig, add_calib_flags, add_method_flags, method_options
 
@@ -44,7 +45,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--granularity", nargs="+", default=["ch", "g64"],
                    help="scaling granularities: ch, t or gN (default: ch g64)")
     p.add_argument("--sym", action="store_true", help="symmetric grids (int{b}-sym)")
-    p.add_argument("--max-tokens", type=int, default=16384,
+    p.add_argument("--max-tokens", type=at_least(int, 1), default=16384,
                    help="held-out tokens evaluated (default: 16384)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--out", type=Path, default=Path("results/ptq-table"),
@@ -109,6 +110,7 @@ def run(args) -> dict:
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device=device)
     check_seq_len(model, budget.seq_len)
+    check_specs(model, specs)  # before the FP row is written
     text = load_text(args.data)
     windows, bos_id = heldout_windows(tokenizer, text, budget.seq_len, args.max_tokens,
                                       args.add_bos)

@@ -39,10 +39,9 @@ class CalibConfig:
     calib_batch_size: int = field(default=8, metadata={"help": "calibration blocks per forward"})
 
     def __post_init__(self):
-        if self.samples < 1 or self.seq_len < 2 or self.calib_batch_size < 1:
-            raise OptionsError(f"calibration {self.samples} x {self.seq_len}, batch "
-                               f"{self.calib_batch_size}: need samples >= 1, seq_len >= 2, "
-                               "batch >= 1")
+        for name, low in (("samples", 1), ("seq_len", 2), ("calib_batch_size", 1)):
+            if getattr(self, name) < low:
+                raise OptionsError(f"{flag_name(name)} {getattr(self, name)}: give {low} or more")
         if self.propagate not in ("quantized", "fp"):
             raise OptionsError(f"--propagate {self.propagate}: use quantized or fp")
 

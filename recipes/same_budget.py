@@ -28,7 +28,8 @@ import qaft
 from ptq import quantize_model
 from ptq.formats import parse_spec
 from ptq.gptq import GPTQOptions
-from recipes.common import check_specs, finished_rows, out_folder, resolve_device, versions
+from recipes.common import (at_least, check_specs, finished_rows, out_folder, resolve_device,
+                            versions)
 
 METHODS = ("rtn", "gptq", "qaft")
 
@@ -44,14 +45,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--granularity", default="g64", help="ch, t or gN (default: g64)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="methods per bit width (default: rtn gptq qaft)")
-    p.add_argument("--samples", type=int, default=32, help="budget: blocks (default: 32)")
-    p.add_argument("--seq-len", type=int, default=256, help="budget: block length (default: 256)")
+    p.add_argument("--samples", type=at_least(int, 1), default=32,
+                   help="budget: blocks (default: 32)")
+    p.add_argument("--seq-len", type=at_least(int, 2), default=256,
+                   help="budget: block length (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="budget and data-order seed (default: 0)")
-    p.add_argument("--epochs", type=int, default=2, help="QAFT / FP-control epochs (default: 2)")
+    p.add_argument("--epochs", type=at_least(int, 1), default=2,
+                   help="QAFT / FP-control epochs (default: 2)")
     p.add_argument("--lr", type=float, default=1e-5, help="QAFT / FP-control AdamW lr (1e-5)")
-    p.add_argument("--eval-seq-len", type=int, default=512,
+    p.add_argument("--eval-seq-len", type=at_least(int, 2), default=512,
                    help="evaluation window (default: 512)")
-    p.add_argument("--max-tokens", type=int, default=16384,
+    p.add_argument("--max-tokens", type=at_least(int, 1), default=16384,
                    help="held-out tokens evaluated (default: 16384)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--out", type=Path, default=Path("results/same-budget"),

@@ -139,5 +139,5 @@ def test_bf16_weight_keeps_dtype_and_registry_selects_gptq():
     res = m.fn(W, ptq.LayerStats(H=hessian(X)), parse_spec("int4-g32"),
                m.make_options(act_order=True))
     assert res.weight.dtype == torch.bfloat16 and res.weight.shape == W.shape
-    with pytest.raises(ValueError, match="block_size"):
+    with pytest.raises(ptq.OptionsError, match="block_size"):
         ptq.GPTQOptions(block_size=0)

@@ -152,3 +152,151 @@ def test_calibrating_method_without_data_and_empty_selection_are_refused():
     with pytest.raises(ptq.QalignError, match="ignored"):
         ptq.quantize_model(model, "int4", "rtn", true_sequential=True, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# --- compute dtype (bf16) and offloaded activations -------------------------------------------
+
+def _bf16_recorder():
+    """A method that keeps W unchanged and records (W, stats) per call, in call order."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class NoOptions:
+        pass
+
+    name = "test-records-bf16"
+    if name not in ptq.METHODS:
+        calls: list = []
+
+        @ptq.register_method(name, options=NoOptions, needs_hessian=True, needs_inputs=True)
+        def records(W, stats, spec, options):
+            ptq.METHODS[name].fn.calls.append((W.clone(), stats))
+            return ptq.QuantResult(W.clone())
+
+        records.calls = calls
+    ptq.METHODS[name].fn.calls.clear()
+    return name, ptq.METHODS[name].fn.calls
+
+
+def test_bf16_model_hessians_are_float32_sums_of_its_bf16_activations():
+    model = tiny_model("llama", seed=10, dtype=torch.bfloat16)
+    calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(4))
+    acts, handles = {}, []  # what every layer reads in the bf16 model's own forward
+    for name, module in ptq.quantizable_linears(model):
+        acts[name] = []
+        handles.append(module.register_forward_hook(
+            lambda m, args, out, a=acts[name]: a.append(args[0].detach().reshape(
+                -1, args[0].shape[-1]))))
+    with torch.no_grad():
+        for batch in calib.split(3):
+            model(input_ids=batch, use_cache=False)
+    for h in handles:
+        h.remove()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    method, calls = _bf16_recorder()
+    res = ptq.quantize_model(model, "int4", method, calib=calib, batch_size=3, propagate="fp",
+                             progress=False)
+    assert len(calls) == len(res.layers) == len(acts)
+    for r, (W, stats) in zip(res.layers, calls):
+        assert W.dtype == torch.float32  # the method gets W upcast...
+        assert torch.equal(W.to(torch.bfloat16), linear_weight(model.get_submodule(r.name)))
+        X = torch.cat(acts[r.name])
+        assert X.dtype == torch.bfloat16  # ...and the blocks ran in bf16
+        assert torch.equal(stats.X, X.float()), r.name  # the same activations as the model's
+        n = X.shape[0]
+        exact = 2.0 / n * (X.double().T @ X.double())
+        scale = float(exact.abs().max())
+        assert float((stats.H - exact).abs().max()) < 1e-6 * scale, r.name  # float32 rounding
+        # a bf16 GEMM would be off by far more: the test can tell the difference
+        bf16_gemm = 2.0 / n * (X.T @ X).double()
+        assert float((bf16_gemm - exact).abs().max()) > 1e-4 * scale
+    # the weights came back unchanged, in bf16
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_gptq_on_a_bf16_model_matches_the_fp32_run():
+    from compare.evaluate import evaluate_nll, reference_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    calib, windows = torch.randint(0, 256, (16, 32), generator=g), torch.randint(
+        0, 256, (16, 32), generator=g)
+    fp = tiny_model("llama", seed=0)
+    ref = reference_logprobs(fp, windows, progress=False)
+    fp32, bf16, rtn = tiny_model("llama", seed=0), tiny_model("llama", seed=0, dtype=torch.bfloat16), \
+        tiny_model("llama", seed=0)
+    W0 = {n: linear_weight(m).detach().float() for n, m in ptq.quantizable_linears(bf16)}
+    ptq.quantize_model(fp32, "int3-g32", "gptq", calib=calib, progress=False)
+    res = ptq.quantize_model(bf16, "int3-g32", "gptq", calib=calib, progress=False)
+    ptq.quantize_model(rtn, "int3-g32", "rtn", progress=False)
+    a, b, c = (evaluate_nll(m, windows, reference=ref, progress=False) for m in (fp32, bf16, rtn))
+    assert b.perplexity == pytest.approx(a.perplexity, rel=0.03)
+    # the output error (KL from the FP model): bf16 GPTQ close to fp32 GPTQ, both beat RTN
+    assert b.kl == pytest.approx(a.kl, rel=0.15)
+    assert a.kl < 0.8 * c.kl and b.kl < 0.8 * c.kl
+    layers = dict(ptq.quantizable_linears(bf16))
+    for r in res.layers:  # records and codes describe the bf16 weights the model now holds
+        Wq = linear_weight(layers[r.name])
+        assert Wq.dtype == torch.bfloat16
+        qt = res.quantized[r.name]
+        assert qt.scale.dtype == torch.float32 and qt.dtype == torch.bfloat16
+        assert torch.equal(ptq.dequantize(qt), Wq)
+        assert r.weight_rel_error == pytest.approx(
+            ptq.weight_relative_error(W0[r.name], Wq.float()), rel=1e-6)
+
+
+def _quantize_blocks(model, spec, method, calib, **kw):
+    from ptq.sequential import quantize_blocks
+
+    m = ptq.get_method(method)
+    return quantize_blocks(model, calib, ptq.parse_spec(spec), m, m.resolve_options(None),
+                           dict(ptq.quantizable_linears(model)), progress=False, **kw)
+
+
+@pytest.mark.parametrize("propagate", ["quantized", "fp"])
+def test_offloaded_activations_give_the_same_model_and_are_removed(tmp_path, propagate):
+    # gemma3: every block receives its own mask and rotary embedding
+    calib = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(5))
+    a = tiny_model("gemma3_text", seed=11, dtype=torch.bfloat16)
+    b = tiny_model("gemma3_text", seed=11, dtype=torch.bfloat16)
+    seen = []
+
+    def on_block(k, records):  # the activations are on disk while the run goes on
+        seen.append(sorted(p.name for p in tmp_path.glob("qalign-activations-*/**/*.safetensors")))
+
+    ra, _ = _quantize_blocks(a, "int3-g16", "gptq", calib, batch_size=4, propagate=propagate)
+    rb, _ = _quantize_blocks(b, "int3-g16", "gptq", calib, batch_size=4, propagate=propagate,
+                             offload_dir=tmp_path, on_block=on_block)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert [r.proxy_loss for r in ra] == [r.proxy_loss for r in rb]
+    # two batches (4 + 2 samples): one file each, the spent inputs of FP propagation removed
+    assert seen == [["batch000000.safetensors", "batch000001.safetensors"]] * len(seen)
+    assert len(seen) == 4 and list(tmp_path.iterdir()) == []
+
+
+def test_offloaded_activations_are_removed_on_error(tmp_path):
+    calib = torch.randint(0, 256, (4, 16))
+
+    def fail(k, records):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        _quantize_blocks(tiny_model("llama", seed=12), "int4", "rtn", calib, batch_size=2,
+                         offload_dir=tmp_path / "scratch", on_block=fail)
+    assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_disk_activations_replace_a_batch_under_its_reader(tmp_path):
+    from ptq.capture import DiskActivations
+
+    store = DiskActivations(tmp_path / "acts")
+    x = torch.randn(2, 3, 4).to(torch.bfloat16)
+    store.append(x)
+    store.append(2 * x)
+    held = store[0]
+    store[0] = -x  # written in place, as the driver writes a block's outputs over its inputs
+    assert torch.equal(held, x) and torch.equal(store[0], -x) and torch.equal(store[1], 2 * x)
+    assert store[1].dtype == torch.bfloat16 and len(store) == 2
+    with pytest.raises(IndexError):
+        store[3] = x
+    store.remove()
+    assert len(store) == 0 and not (tmp_path / "acts").exists()
