@@ -80,45 +80,112 @@ def qaft_points(run: dict) -> list[dict]:
     return [p for p in run["trajectory"] if 0 < p["step"] < run["budget"]["steps"]]
 
 
+def _correlation(local: list, glob: list, seed: int) -> dict:
+    """Spearman and Kendall with bootstrap (and Fisher-z) intervals; `significant` only when
+    every interval excludes zero (compare.stats.correlation_interval)."""
+    from .stats import correlation_interval
+
+    out = rank_correlation(local, glob)
+    for method in ("spearman", "kendall"):
+        ci = correlation_interval(local, glob, method=method, seed=seed)
+        out[f"{method}_ci"] = {k: ci[k] for k in ("low", "high", "fisher_low", "fisher_high",
+                                                   "significant")}
+    return out
+
+
+def _by_method(runs: list[dict]) -> dict[str, list[dict]]:
+    """{method: [run per seed, in seed order]} of the main (non-variant) runs."""
+    out: dict[str, list[dict]] = {}
+    for r in sorted(runs, key=lambda r: r.get("seed", 0)):
+        if not r["variant"]:
+            out.setdefault(r["method"], []).append(r)
+    return out
+
+
+COMPARED = (("rtn", "gptq"), ("gptq", "qaft"), ("gptq", "qaft-mse"), ("gptq", "qaft-gptq"),
+            ("qaft", "qaft-gptq"), ("fp-ft", "qaft"), ("fp-ft", "qaft-gptq"), ("fp-ft", "gptq"))
+
+
+def compare_methods(a_runs: list[dict], b_runs: list[dict], seed: int = 0) -> dict:
+    """B against A on the held-out windows, seed by seed: the paired bootstrap of the per-window
+    NLL difference (B - A; negative: B is better) and the perplexity ratio B / A. `holds` is
+    "b" ("a") when B (A) is better on every seed with an interval excluding zero, else None."""
+    from .stats import perplexity_ratio
+
+    a = {r.get("seed", 0): r for r in a_runs}
+    b = {r.get("seed", 0): r for r in b_runs}
+    per_seed = []
+    for s in sorted(set(a) & set(b)):
+        wa, wb = a[s]["metrics"].get("window_nll"), b[s]["metrics"].get("window_nll")
+        if not wa or not wb or len(wa) < 2:
+            continue
+        ci = perplexity_ratio(wa, wb, seed=seed)
+        per_seed.append({"seed": s, **{k: ci[k] for k in ("diff", "low", "high", "ratio",
+                                                            "ratio_low", "ratio_high",
+                                                            "excludes_zero")}})
+    holds = None
+    if per_seed and all(c["excludes_zero"] for c in per_seed):
+        signs = {c["diff"] < 0 for c in per_seed}
+        if len(signs) == 1:
+            holds = "b" if signs.pop() else "a"
+    return {"per_seed": per_seed, "holds": holds, "seeds": len(per_seed)}
+
+
 def summarize_alignment(state: dict) -> dict:
     """Every alignment statistic of one study (the misalignment recipe's results.json state:
-    runs, sensitivity, fp_probe_nll, config.bits), per bit width. The report draws these."""
+    runs, sensitivity, fp_probe_nll, config.bits), per bit width, each with its uncertainty:
+    perplexities as mean and spread over seeds, method comparisons as paired bootstrap
+    intervals over the held-out windows per seed, rank correlations with bootstrap / Fisher-z
+    intervals. The report draws these and states only what they support."""
+    from .stats import seed_spread
+
+    seed = min(state["config"].get("seeds", [state["config"].get("seed", 0)]))
+    fp_ft = _by_method([r for r in state["runs"].values() if r["method"] == "fp-ft"])
     out = {}
     for b in state["config"]["bits"]:
         runs = runs_at(state, b)
+        by = {**_by_method(runs), **fp_ft}
+        first = {m: rs[0] for m, rs in by.items()}
         sens = state["sensitivity"].get(str(b))
         layers = sens["layers"] if sens else []
-        s = {"per_layer": rank_correlation([r["rel_err_fp"] for r in layers],
-                                           [r["delta_nll"] for r in layers]),
-             "per_layer_proxy": rank_correlation([r["proxy_loss"] for r in layers],
-                                                 [r["delta_nll"] for r in layers])}
+        s = {"per_layer": _correlation([r["rel_err_fp"] for r in layers],
+                                       [r["delta_nll"] for r in layers], seed),
+             "per_layer_proxy": _correlation([r["proxy_loss"] for r in layers],
+                                             [r["delta_nll"] for r in layers], seed)}
         local = [r["metrics"]["local_fp_mean"] for r in runs]
         glob = [r["metrics"]["probe_nll"] for r in runs]
         for r in runs:
-            if r["method"] == "qaft":
+            if r["method"].startswith("qaft"):
                 local += [p["local_fp_mean"] for p in qaft_points(r)]
                 glob += [p["nll"] for p in qaft_points(r)]
-        s["across_solutions"] = rank_correlation(local, glob)
-        qaft = next((r["trajectory"] for r in runs if r["method"] == "qaft"), [])
-        s["qaft_trajectory"] = rank_correlation([p["local_fp_mean"] for p in qaft],
-                                                [p["nll"] for p in qaft])
+        s["across_solutions"] = _correlation(local, glob, seed)
+        qaft = first["qaft"]["trajectory"] if "qaft" in first else []
+        s["qaft_trajectory"] = _correlation([p["local_fp_mean"] for p in qaft],
+                                            [p["nll"] for p in qaft], seed)
         # both only grow as GPTQ goes down the blocks; what each block adds is what can disagree
-        gptq = [{"local_fp_mean": 0.0, "nll": state["fp_probe_nll"]}] + next(
-            (r["trajectory"] for r in runs if r["method"] == "gptq" and not r["variant"]), [])
-        s["gptq_trajectory"] = rank_correlation(
-            [b["local_fp_mean"] - a["local_fp_mean"] for a, b in zip(gptq, gptq[1:])],
-            [b["nll"] - a["nll"] for a, b in zip(gptq, gptq[1:])])
+        gptq = [{"local_fp_mean": 0.0, "nll": state["fp_probe_nll"]}] + (
+            first["gptq"]["trajectory"] if "gptq" in first else [])
+        s["gptq_trajectory"] = _correlation(
+            [y["local_fp_mean"] - x["local_fp_mean"] for x, y in zip(gptq, gptq[1:])],
+            [y["nll"] - x["nll"] for x, y in zip(gptq, gptq[1:])], seed)
         s["grad_cosine"] = {}
         s["landscape"] = {}
-        for r in runs:
+        for m, r in first.items():
             cos = [x["grad_cosine"] for x in r["layers"] if x.get("grad_cosine") is not None]
-            if cos:
-                s["grad_cosine"][r["method"]] = {"mean": mean(cos), "median": median(cos)}
+            if cos and r["bits"] is not None:
+                s["grad_cosine"][m] = {"mean": mean(cos), "median": median(cos)}
             if r["landscape"]:
-                s["landscape"][r["method"]] = {
+                s["landscape"][m] = {
                     "distance": r["metrics"]["distance"],
                     "radius_solution": r["landscape"]["radius_solution"],
                     "radius_random_same_norm": r["landscape"]["radius_random_same_norm"]}
-        s["perplexity"] = {r["id"].split("/")[0]: r["metrics"]["perplexity"] for r in runs}
+        s["perplexity"] = {m: mean(r["metrics"]["perplexity"] for r in rs)
+                           for m, rs in by.items() if rs[0]["bits"] is not None}
+        s["methods"] = {m: {"perplexity": seed_spread([r["metrics"]["perplexity"] for r in rs]),
+                            "nll": seed_spread([r["metrics"]["nll"] for r in rs]),
+                            "chosen": [r.get("chosen") for r in rs]}
+                        for m, rs in by.items()}
+        s["comparisons"] = {f"{x} vs {y}": compare_methods(by[x], by[y], seed)
+                            for x, y in COMPARED if x in by and y in by}
         out[str(b)] = s
     return out

@@ -36,7 +36,7 @@ from .formats import (ClipSearch, QParams, QuantSpec, _qparams, check_finite, de
 from .metrics import layer_loss
 from .registry import LayerStats, QuantResult, register_method
 
-__all__ = ["GPTQOptions", "GPTQResult", "gptq_quantize", "inverse_cholesky"]
+__all__ = ["GPTQ_SEARCH_SPACE", "GPTQOptions", "GPTQResult", "gptq_quantize", "inverse_cholesky"]
 
 SUB_BLOCK = 16  # columns per inner sub-block of the in-block updates
 
@@ -222,7 +222,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec | str, *,
                       dead_columns=int(dead.sum()), seconds=time.perf_counter() - t0)
 
 
-@register_method("gptq", options=GPTQOptions, needs_hessian=True)
+# what matched tuning may try (recipes.tuning): damping, column order, clipping, group scales
+GPTQ_SEARCH_SPACE = {"damp": (0.01, 0.1), "act_order": (True, False),
+                     "clip_search": (True, False), "static_groups": (False, True)}
+
+
+@register_method("gptq", options=GPTQOptions, needs_hessian=True,
+                 search_space=GPTQ_SEARCH_SPACE)
 def _gptq_method(W: torch.Tensor, stats: LayerStats, spec: QuantSpec,
                  options: GPTQOptions = GPTQOptions()) -> GPTQResult:
     clip = ClipSearch() if options.clip_search else None

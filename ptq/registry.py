@@ -54,6 +54,7 @@ class Method:
     options: type
     needs_hessian: bool = False
     needs_inputs: bool = False
+    search_space: dict = field(default_factory=dict)  # {option field: values to tune over}
 
     @property
     def needs_data(self) -> bool:
@@ -93,13 +94,21 @@ class UnknownMethodError(QalignError, KeyError):
 
 
 def register_method(name: str, *, options: type, needs_hessian: bool = False,
-                    needs_inputs: bool = False):
-    """Decorator that registers `fn` under `name`; registering a taken name is an error."""
+                    needs_inputs: bool = False, search_space: dict | None = None):
+    """Decorator that registers `fn` under `name`; registering a taken name is an error.
+    `search_space` {option field: (values, ...)} is what matched tuning may try (recipes draw
+    the same number of trials for every method from these spaces)."""
 
     def wrap(fn):
         if name in METHODS:
             raise QalignError(f"a PTQ method named {name!r} is already registered")
-        METHODS[name] = Method(name, fn, options, needs_hessian, needs_inputs)
+        space = {k: tuple(v) for k, v in (search_space or {}).items()}
+        fields = set(getattr(options, "__dataclass_fields__", {}))
+        unknown = sorted(set(space) - fields)
+        if unknown or any(not v for v in space.values()):
+            raise OptionsError(f"search space of {name!r}: {unknown or 'an empty value list'}; "
+                               f"give non-empty value tuples for fields of {options.__name__}")
+        METHODS[name] = Method(name, fn, options, needs_hessian, needs_inputs, space)
         return fn
 
     return wrap

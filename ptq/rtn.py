@@ -11,7 +11,7 @@ from .formats import ClipSearch, QuantSpec, dequantize, quantize
 from .metrics import layer_loss
 from .registry import LayerStats, QuantResult, register_method
 
-__all__ = ["RTNOptions", "rtn_quantize"]
+__all__ = ["RTNOptions", "RTN_SEARCH_SPACE", "rtn_quantize"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,10 @@ class RTNOptions:
         return ClipSearch(self.clip_grid, self.clip_max_shrink) if self.clip_search else None
 
 
-@register_method("rtn", options=RTNOptions)
+RTN_SEARCH_SPACE = {"clip_search": (False, True)}
+
+
+@register_method("rtn", options=RTNOptions, search_space=RTN_SEARCH_SPACE)
 def rtn_quantize(W: torch.Tensor, stats: LayerStats | None, spec: QuantSpec,
                  options: RTNOptions = RTNOptions()) -> QuantResult:
     """RTN of W (out, in); with a Hessian in `stats`, also reports tr(dW H dW^T) as its loss."""

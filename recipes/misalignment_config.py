@@ -18,7 +18,9 @@ from ptq.registry import METHODS
 from recipes.common import ConfigError
 from recipes.flags import add_dataclass_flags, coerce, field_types
 
-__all__ = ["MisalignmentConfig", "PRESETS", "ConfigError", "parse_variant", "load_config",
+QAFT_ARMS = {"qaft": "rtn", "qaft-mse": "mse", "qaft-gptq": "gptq"}  # method -> QAFT init
+
+__all__ = ["MisalignmentConfig", "QAFT_ARMS", "PRESETS", "ConfigError", "parse_variant", "load_config",
            "add_config_flags"]
 
 
@@ -34,16 +36,37 @@ class MisalignmentConfig:
     data: str = _f("wiki", "text: wiki (embedded), a local file/folder, or hf:NAME[:CONFIG]")
     bits: tuple[int, ...] = _f((2, 3, 4), "integer bit widths")
     granularity: str = _f("g64", "ch, t or gN (groups of N inputs)")
-    methods: tuple[str, ...] = _f(("rtn", "gptq", "qaft"),
-                                  "rtn, gptq, qaft and any registered PTQ method, per bit width")
+    methods: tuple[str, ...] = _f(("rtn", "gptq", "qaft", "qaft-gptq"),
+                                  "rtn, gptq, any registered PTQ method, and QAFT from an RTN "
+                                  "(qaft), MSE-clipped (qaft-mse) or GPTQ (qaft-gptq) start, "
+                                  "per bit width")
     gptq_variants: tuple[str, ...] = _f(("act_order=false",),
                               "extra GPTQ solutions, each KEY=VALUE over GPTQOptions fields or "
                               "granularity=gN, e.g. damp=0.1 act_order=false granularity=g128")
     samples: int = _f(16, "data budget: token blocks (GPTQ calibration = QAFT training data)")
     seq_len: int = _f(256, "data budget: tokens per block")
-    seed: int = _f(0, "seed of the budget, the data order and the random directions")
+    seeds: tuple[int, ...] = _f((0,), "seeds of the budget draw and the data order: each "
+                                      "(method, spec, seed) is one result; the first seed also "
+                                      "seeds the random directions")
+    val_samples: int = _f(4, "validation slice: train-split blocks disjoint from the budget, "
+                             "for choosing hyperparameters only")
+    tune: bool = _f(True, "matched tuning: every method gets `trials` trials from its search "
+                          "space, the lowest validation NLL wins (off: the pinned values)")
+    trials: int = _f(3, "trials per method and bit width when tuning")
+    search: tuple[str, ...] = _f((), "search-space overrides, METHOD.FIELD=V1,V2 (e.g. "
+                                     "qaft.lr=1e-4,1e-3 gptq.damp=0.01,0.1)")
     epochs: int = _f(2, "QAFT and FP-control epochs over the budget")
-    lr: float = _f(1e-5, "QAFT and FP-control AdamW learning rate (constant)")
+    lr: float = _f(1e-5, "QAFT and FP-control AdamW learning rate when not tuned")
+    schedule: str = _f("constant", "QAFT and FP-control learning-rate schedule: constant, "
+                                   "cosine or wsd")
+    warmup_steps: int = _f(0, "QAFT and FP-control linear warmup steps")
+    keep_best: bool = _f(True, "fine-tuning keeps its checkpoint with the lowest NLL on the "
+                               "validation slice (checked every checkpoint_every steps)")
+    patience: int = _f(0, "early stopping: validations without improvement before a "
+                          "fine-tuning run stops (0: never; needs keep_best)")
+    clip_dynamic: bool = _f(False, "QAFT with dynamic scales: zero the gradient of the group "
+                                   "extremes that the rounded zero point leaves outside the "
+                                   "grid (the behaviour of earlier versions; off: they keep it)")
     eval_seq_len: int = _f(512, "held-out evaluation window")
     eval_tokens: int = _f(4096, "held-out tokens for NLL, perplexity and KL")
     probe_tokens: int = _f(1024, "the first held-out tokens used for local losses, gradients, "
@@ -59,7 +82,7 @@ class MisalignmentConfig:
                                     "tokenizer's own convention)")
 
     def __post_init__(self):
-        for name in ("bits", "methods", "gptq_variants", "landscape_t"):
+        for name in ("bits", "methods", "gptq_variants", "landscape_t", "seeds", "search"):
             value = getattr(self, name)
             value = (value,) if isinstance(value, (str, int, float)) else tuple(value)
             object.__setattr__(self, name, value)
@@ -67,25 +90,39 @@ class MisalignmentConfig:
             raise ConfigError(f"bits={list(self.bits)}: give integer widths from 2 to 8")
         for b in self.bits:
             parse_spec(f"int{b}-{self.granularity}")
-        known = set(METHODS) | {"qaft"}
+        known = set(METHODS) | set(QAFT_ARMS)
         unknown = [m for m in self.methods if m not in known]
         if unknown or not self.methods:
             raise ConfigError(f"methods={list(self.methods)}: unknown {unknown}; known: "
                               f"{sorted(known)} (register your own with ptq.register_method)")
         for v in self.gptq_variants:
             parse_variant(v, self.granularity)
+        if self.patience and not self.keep_best:
+            raise ConfigError(f"patience={self.patience} stops on the validation slice, which "
+                              "keep_best=false turns off; set keep_best or patience 0")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds={list(self.seeds)}: give one or more distinct seeds")
+        if self.schedule not in ("constant", "cosine", "wsd") or self.warmup_steps < 0:
+            raise ConfigError(f"schedule={self.schedule!r}, warmup_steps={self.warmup_steps}: "
+                              "use constant, cosine or wsd and warmup_steps >= 0")
         for name in ("samples", "seq_len", "epochs", "checkpoint_every", "trajectory_every",
-                     "sensitivity_stride", "batch_size"):
+                     "sensitivity_stride", "batch_size", "val_samples", "trials"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.probe_tokens < self.eval_seq_len or self.eval_tokens < self.probe_tokens:
             raise ConfigError(f"need eval_seq_len ({self.eval_seq_len}) <= probe_tokens "
-                              f"({self.probe_tokens}) <= eval_tokens ({self.eval_tokens})")
+                              f"({self.probe_tokens}) <= eval_tokens ({self.eval_tokens}); "
+                              "raise eval_tokens or lower probe_tokens")
         if not self.landscape_t or any(not 0 < t < math.inf for t in self.landscape_t):
             raise ConfigError(f"landscape_t={list(self.landscape_t)}: give positive values")
         if not (1 < self.radius_ppl_ratio < math.inf and 0 < self.lr < math.inf):
             raise ConfigError(f"radius_ppl_ratio={self.radius_ppl_ratio}, lr={self.lr}: need "
                               "radius_ppl_ratio > 1 and lr > 0, both finite")
+
+    @property
+    def seed(self) -> int:
+        """The first seed: random directions and anything seeded once per study."""
+        return self.seeds[0]
 
     def spec(self, bits: int, granularity: str | None = None) -> str:
         return str(parse_spec(f"int{bits}-{granularity or self.granularity}"))
@@ -94,6 +131,9 @@ class MisalignmentConfig:
 PRESETS = {
     # README main job: SmolLM2-135M, 40 min on 2 CPU cores (measured, README)
     "quick": {},
+    # the README's untuned comparison of earlier versions: pinned hyperparameters, one QAFT arm
+    "untuned": {"tune": False, "keep_best": False, "clip_dynamic": True,
+                "methods": ("rtn", "gptq", "qaft")},
     # the papers' budget (128 x 2048 tokens), for a GPU
     "paper": {"samples": 128, "seq_len": 2048, "epochs": 1, "eval_seq_len": 2048,
               "eval_tokens": 16384, "probe_tokens": 4096, "checkpoint_every": 16,
@@ -132,7 +172,8 @@ def load_config(preset: str = "quick", yaml_path: Path | None = None,
 
         path = Path(yaml_path)
         if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file")
+            raise ConfigError(f"--config {path}: no such file; give the path of a YAML recipe "
+                              "file (e.g. recipes/examples/misalignment-int3.yaml)")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:

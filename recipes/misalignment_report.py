@@ -16,24 +16,32 @@ from compare.plots import new_figure, save_figure
 
 __all__ = ["SCHEMA", "SCHEMA_DOC", "write_outputs"]
 
-SCHEMA = "qalign.misalignment/1"
+SCHEMA = "qalign.misalignment/2"
 
-SCHEMA_DOC = """results.json (schema "qalign.misalignment/1"):
+SCHEMA_DOC = """results.json (schema "qalign.misalignment/2"):
   config          the MisalignmentConfig (recipes.misalignment_config), every field
   versions        python, torch, transformers, accelerate, peft, qalign, cpu threads
-  budget          n_samples, seq_len, seed, unique_tokens: the one data budget of every method
-  heldout         eval_windows, probe_windows, seq_len (probe windows = the first eval windows)
+  budget          n_samples, seq_len, seed (the first), seeds, unique_tokens, val_samples: the
+                  one data budget of every method (per seed), and its validation slice
+  search_spaces   {method: {field: [values]}} the spaces tuning drew its trials from
+  heldout         eval_windows, probe_windows, seq_len, bos (probe windows = first eval windows)
   fp_probe_nll    FP model's mean NLL on the probe windows (nats/token)
-  runs            {id: run}, id "METHOD/SPEC", "gptq[VARIANT]/SPEC", "fp", "fp-ft"; a run is
-    method, variant, bits (null for fp/fp-ft), spec
-    metrics       nll, perplexity, kl (KL(FP || run), nats/token), scored_tokens (eval windows);
-                  probe_nll, local_fp_mean / local_prop_mean (mean over layers of the relative
-                  output error with FP / propagated inputs), distance (||W_hat - W|| / ||W||)
+  runs            {id: run}, id "METHOD/SPEC", "gptq[VARIANT]/SPEC", "fp", "fp-ft", with
+                  "@SEED" appended when the study has several seeds; a run is
+    method, variant, bits (null for fp/fp-ft), spec, seed
+    metrics       nll, perplexity, kl (KL(FP || run), nats/token), scored_tokens, window_nll
+                  (per held-out window, for paired comparisons); probe_nll, local_fp_mean /
+                  local_prop_mean (mean over layers of the relative output error with FP /
+                  propagated inputs), distance (||W_hat - W|| / ||W||), val_nll (validation
+                  slice; null without tuning)
+    chosen        the options the winning trial overrode ({} = pinned values)
+    trials        every trial: {trial, options, val_nll, seconds, tokens_processed, best_step}
     budget        unique_tokens, tokens_processed, steps
-    seconds       solve (quantize or train), measure (everything after); peak_rss_bytes
+    seconds       solve (all trials), measure (everything after); peak_rss_bytes
     trajectory    GPTQ: per probed block {block, calib_rel_sum, nll, local_fp_mean, ...};
                   QAFT / fp-ft: per checkpoint {step, tokens_processed, unique_tokens, loss,
-                  seconds, nll, local_fp_mean, local_prop_mean, distance} (step 0 = start)
+                  seconds, nll, local_fp_mean, local_prop_mean, distance, val_nll} (step 0 =
+                  start), of the chosen trial
     layers        per layer {name, block, kind, rel_err_fp, rel_err_prop, distance,
                   grad_cosine (main solutions), proxy_loss and calib_rel_err (GPTQ-style)}
     landscape     main PTQ/QAFT solutions: {t, nll_solution, nll_random, radius_solution,
@@ -45,14 +53,21 @@ SCHEMA_DOC = """results.json (schema "qalign.misalignment/1"):
   alignment       {bits: {per_layer (rel_err_fp vs delta_nll), per_layer_proxy (proxy_loss vs
                   delta_nll), across_solutions (local_fp_mean vs probe_nll over runs and QAFT
                   checkpoints), qaft_trajectory, gptq_trajectory (per probed block: increase
-                  of local_fp_mean vs increase of NLL): each {spearman, kendall, n}; grad_cosine {method: {mean, median}}; landscape
-                  {method: {distance, radius_solution, radius_random_same_norm}};
-                  perplexity {method: ppl}}}
+                  of local_fp_mean vs increase of NLL): each {spearman, kendall, n,
+                  spearman_ci / kendall_ci {low, high, fisher_low, fisher_high, significant}};
+                  grad_cosine {method: {mean, median}}; landscape {method: {distance,
+                  radius_solution, radius_random_same_norm}}; perplexity {method: mean ppl};
+                  methods {method: {perplexity, nll: {mean, min, max, std, low, high, n} over
+                  seeds, chosen}}; comparisons {"A vs B": {per_seed [{seed, diff (mean
+                  window NLL of B - A), low, high, ratio (ppl B / A), ratio_low, ratio_high,
+                  excludes_zero}], holds ("a", "b" or null), seeds}}}}
   timings         setup_s, this_invocation_s
 Correlations are null where undefined (fewer than 3 points or a constant side)."""
 
-MAIN = ("rtn", "gptq", "qaft")
-COLORS = {"rtn": "tab:red", "gptq": "tab:blue", "qaft": "tab:green", "fp-ft": "tab:gray"}
+MAIN = ("rtn", "gptq", "qaft", "qaft-gptq")
+COLORS = {"rtn": "tab:red", "gptq": "tab:blue", "qaft": "tab:green", "qaft-mse": "tab:cyan",
+          "qaft-gptq": "tab:olive", "fp-ft": "tab:gray"}
+QAFT_METHODS = ("qaft", "qaft-mse", "qaft-gptq")
 
 
 def _fmt(x, digits=2) -> str:
@@ -136,7 +151,7 @@ def plot_solutions(state, path, summary):
             ax.scatter(m["local_fp_mean"], m["probe_nll"], color=color,
                        marker="x" if r["variant"] else "o", zorder=3)
             ax.annotate(r["id"].split("/")[0], (m["local_fp_mean"], m["probe_nll"]), fontsize=6)
-            if r["method"] == "qaft":
+            if r["method"] in QAFT_METHODS:
                 traj = r["trajectory"]
                 ax.plot([p["local_fp_mean"] for p in traj], [p["nll"] for p in traj],
                         color=color, lw=1, marker=".", alpha=0.7)
@@ -150,16 +165,19 @@ def plot_solutions(state, path, summary):
 
 def plot_trajectories(state, path):
     fig, panels = _panels(state, 3.6)
-    control = state["runs"].get("fp-ft")
+    control = next(iter(_first_seed([r for r in state["runs"].values()
+                                     if r["method"] == "fp-ft"])), None)
     for ax, b in panels:
         twin = ax.twinx()
-        for r in runs_at(state, b):
-            if r["method"] == "qaft":
+        for r in _first_seed(runs_at(state, b)):
+            if r["method"] in QAFT_METHODS and r["trajectory"]:
                 t = r["trajectory"]
                 x = [p["tokens_processed"] for p in t]
-                ax.plot(x, [p["nll"] for p in t], color="tab:green", marker="o", label="QAFT NLL")
-                twin.plot(x, [p["local_fp_mean"] for p in t], color="tab:green", ls="--",
-                          marker=".", label="QAFT local")
+                color = COLORS[r["method"]]
+                ax.plot(x, [p["nll"] for p in t], color=color, marker="o",
+                        label=f"{r['method']} NLL")
+                twin.plot(x, [p["local_fp_mean"] for p in t], color=color, ls="--",
+                          marker=".", label=f"{r['method']} local")
             elif r["method"] in ("rtn", "gptq") and not r["variant"]:
                 ax.axhline(r["metrics"]["probe_nll"], color=COLORS[r["method"]], lw=1,
                            ls="-.", label=f"{r['method']} NLL")
@@ -224,6 +242,64 @@ def plot_grad_cosine(state, path):
     save_figure(fig, path)
 
 
+def _first_seed(runs: list[dict]) -> list[dict]:
+    seeds = sorted({r.get("seed", 0) for r in runs})
+    return [r for r in runs if r.get("seed", 0) == (seeds[0] if seeds else 0)]
+
+
+def plot_pareto(state, path):
+    """Paper B's picture, per width: probe NLL against tokens processed (the unique tokens are
+    the budget's for every method): QAFT runs as curves over their checkpoints, RTN and GPTQ as
+    points, the FP fine-tuning control as a curve (first seed)."""
+    fig, panels = _panels(state, 3.6)
+    control = _first_seed([r for r in state["runs"].values() if r["method"] == "fp-ft"])
+    for ax, b in panels:
+        for r in _first_seed(runs_at(state, b)):
+            color = COLORS.get(r["method"], "tab:purple")
+            if r["method"] in QAFT_METHODS and r["trajectory"]:
+                t = r["trajectory"]
+                ax.plot([max(p["tokens_processed"], 1) for p in t], [p["nll"] for p in t],
+                        color=color, marker=".", label=r["method"])
+                ax.scatter([max(r["budget"]["tokens_processed"], 1)],
+                           [r["metrics"]["probe_nll"]], color=color, marker="*", s=80,
+                           zorder=4)
+            elif not r["variant"]:
+                x = max(r["budget"]["tokens_processed"], 1)
+                ax.scatter([x], [r["metrics"]["probe_nll"]], color=color, marker="o", s=40,
+                           label=r["method"], zorder=4)
+        for r in control:
+            t = r["trajectory"]
+            ax.plot([max(p["tokens_processed"], 1) for p in t], [p["nll"] for p in t],
+                    color="k", ls=":", label="FP fine-tuned")
+        ax.axhline(state["fp_probe_nll"], color="k", ls="--", lw=0.8, label="FP")
+        ax.set(xscale="log", yscale="log", xlabel="tokens processed (log; 1 = no data)",
+               ylabel="probe NLL", title=f"int{b}: same unique tokens for all")
+        ax.legend(fontsize=6)
+    save_figure(fig, path)
+
+
+def plot_pareto_summary(state, path):
+    """Every width on one axes: final probe NLL of each method against its tokens processed."""
+    fig, ax = new_figure()
+    markers = dict(zip(state["config"]["bits"], "os^vD"))
+    for r in state["runs"].values():
+        if r["variant"] or not r["bits"]:
+            continue
+        ax.scatter(max(r["budget"]["tokens_processed"], 1), r["metrics"]["probe_nll"],
+                   color=COLORS.get(r["method"], "tab:purple"), marker=markers[r["bits"]],
+                   s=30, alpha=0.8)
+    for method, color in COLORS.items():
+        if any(r["method"] == method for r in state["runs"].values()):
+            ax.scatter([], [], color=color, label=method)
+    for b, m in markers.items():
+        ax.scatter([], [], color="k", marker=m, label=f"int{b}")
+    ax.axhline(state["fp_probe_nll"], color="k", ls="--", lw=0.8, label="FP")
+    ax.set(xscale="log", yscale="log", xlabel="tokens processed (log)", ylabel="probe NLL",
+           title="all widths: global loss against tokens processed")
+    ax.legend(fontsize=6, ncol=2)
+    save_figure(fig, path)
+
+
 PLOTS = {"nll_vs_bits.png": "held-out perplexity against bits, per method",
          "sensitivity.png": "one layer quantized at a time: its local loss against the NLL it "
                             "costs",
@@ -236,34 +312,63 @@ PLOTS = {"nll_vs_bits.png": "held-out perplexity against bits, per method",
          "landscape.png": "NLL along W + t (W_hat - W) (solid) and a random direction with the "
                           "same per-layer norms (dashed)",
          "grad_cosine.png": "per layer: cosine between the local-loss and the NLL gradients at "
-                            "the solution"}
+                            "the solution",
+         "pareto.png": "per width: probe NLL against tokens processed (QAFT curves over its "
+                       "checkpoints, its chosen checkpoint starred; RTN and GPTQ points; the FP "
+                       "control dotted)",
+         "pareto_summary.png": "all widths: final probe NLL against tokens processed"}
 
 
-def _findings(bits: int, s: dict, runs: list[dict], fp: dict | None, ft: dict | None) -> str:
-    """One paragraph of numbers for one bit width."""
-    by = {r["method"]: r for r in runs if not r["variant"]}
-    ppl = ", ".join(f"{k} {v:,.2f}" for k, v in s["perplexity"].items())
+def _ci(c: dict, key: str) -> str:
+    ci = c.get(f"{key}_ci") or {}
+    if c.get(key) is None:
+        return "n/a"
+    if ci.get("low") is None:
+        return f"{c[key]:.2f}"
+    mark = "" if ci.get("significant") else " (n.s.)"
+    return f"{c[key]:.2f} [{ci['low']:.2f}, {ci['high']:.2f}]{mark}"
+
+
+def _ppl(spread: dict) -> str:
+    if spread["n"] < 2:
+        return f"{spread['mean']:,.2f}"
+    return f"{spread['mean']:,.2f} ({spread['min']:,.2f}-{spread['max']:,.2f})"
+
+
+NAMES = {"rtn": "RTN", "gptq": "GPTQ", "qaft": "QAFT from RTN", "qaft-mse": "QAFT from MSE",
+         "qaft-gptq": "QAFT from GPTQ", "fp-ft": "the FP fine-tuned control"}
+
+
+def _claim(key: str, cmp: dict) -> str:
+    """One sentence per comparison, stated only when every seed's interval supports it."""
+    a, b = key.split(" vs ")
+    name_a, name_b = NAMES.get(a, a), NAMES.get(b, b)
+    ratios = ", ".join(f"{c['ratio']:.3g}x [{c['ratio_low']:.3g}, {c['ratio_high']:.3g}]"
+                       for c in cmp["per_seed"])
+    if not cmp["per_seed"]:
+        return ""
+    seeds = f"{cmp['seeds']} seed{'s' if cmp['seeds'] > 1 else ''}"
+    if cmp["holds"] == "b":
+        return (f"{name_b} beats {name_a} (perplexity ratio {ratios}, 95% paired bootstrap "
+                f"over held-out windows; {seeds})")
+    if cmp["holds"] == "a":
+        return (f"{name_a} beats {name_b} (perplexity ratio {name_b}/{name_a} {ratios}; "
+                f"{seeds})")
+    return f"{name_b} vs {name_a}: not resolved on this budget (ratio {ratios}; {seeds})"
+
+
+def _findings(bits: int, s: dict) -> str:
+    """One paragraph for one bit width, generated from the intervals: a claim is stated only
+    when it holds on every seed with an interval that excludes zero."""
+    ppl = ", ".join(f"{NAMES.get(m, m)} {_ppl(v['perplexity'])}" for m, v in s["methods"].items())
     out = [f"**int{bits}**: perplexity {ppl}"]
-    if fp and ft:
-        out[-1] += (f" (FP {fp['metrics']['perplexity']:,.2f}; the FP model fine-tuned on the same "
-                    f"tokens with the same schedule {ft['metrics']['perplexity']:,.2f})")
-    if "rtn" in by and "gptq" in by:
-        r, g = by["rtn"]["metrics"], by["gptq"]["metrics"]
-        out.append(f"GPTQ takes the mean local loss from {r['local_fp_mean']:.4g} (RTN) to "
-                   f"{g['local_fp_mean']:.4g} and the probe NLL from {r['probe_nll']:.3f} to "
-                   f"{g['probe_nll']:.3f}")
-    if "qaft" in by and by["qaft"]["trajectory"]:
-        t0, q = by["qaft"]["trajectory"][0], by["qaft"]["metrics"]
-        out.append(f"QAFT moves the probe NLL from {t0['nll']:.3f} to {q['probe_nll']:.3f} while "
-                   f"its mean local loss goes from {t0['local_fp_mean']:.4g} to "
-                   f"{q['local_fp_mean']:.4g}")
+    out += [c for c in (_claim(k, v) for k, v in s["comparisons"].items()) if c]
     c = s["per_layer"]
-    if c and c["spearman"] is not None:
+    if c["spearman"] is not None:
+        verdict = ("significant" if c["spearman_ci"]["significant"] else
+                   "not significant on this sample")
         out.append(f"one layer at a time, the local loss ranks the NLL cost with Spearman "
-                   f"{c['spearman']:.2f} (absolute proxy loss "
-                   f"{_fmt(s['per_layer_proxy']['spearman'])})")
-    if s["across_solutions"]["spearman"] is not None:
-        out.append(f"across solutions {s['across_solutions']['spearman']:.2f}")
+                   f"{_ci(c, 'spearman')} ({verdict})")
     if s["grad_cosine"]:
         cos = ", ".join(f"{m} {v['mean']:.3f}" for m, v in s["grad_cosine"].items())
         out.append(f"mean cosine of the local and global gradients: {cos}")
@@ -273,31 +378,49 @@ def _findings(bits: int, s: dict, runs: list[dict], fp: dict | None, ft: dict | 
 def report(state: dict, summary: dict) -> str:
     cfg = state["config"]
     runs = state["runs"]
-    fp, ft = runs.get("fp"), runs.get("fp-ft")
+    seeds = cfg.get("seeds", [cfg.get("seed", 0)])
+    tuning = (f"matched tuning: {cfg['trials']} trial(s) per method from its search space, "
+              f"chosen by NLL on {cfg['val_samples']} validation blocks of the train split "
+              "(disjoint from the budget and the held-out text)" if cfg.get("tune")
+              else f"no tuning (QAFT and control: lr {cfg['lr']}, {cfg.get('schedule')})")
     lines = [f"# Local vs global loss: {cfg['model']} on {cfg['data']}", "",
              f"Budget {cfg['samples']} x {cfg['seq_len']} = {state['budget']['unique_tokens']:,} "
-             f"unique tokens for every method (QAFT and the FP control: {cfg['epochs']} epoch(s), "
-             f"lr {cfg['lr']}); held-out: {state['heldout']['eval_windows']} x "
-             f"{state['heldout']['seq_len']} tokens for NLL/KL, the first "
-             f"{state['heldout']['probe_windows']} windows for the probes.", "",
-             "| run | perplexity | KL(FP‖Q) | probe NLL | mean local (FP in) | mean local "
-             "(propagated) | distance | tokens processed | solve s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"unique tokens for every method, seeds {', '.join(map(str, seeds))}; QAFT and the "
+             f"FP control {cfg['epochs']} epoch(s); {tuning}. Held-out: "
+             f"{state['heldout']['eval_windows']} x {state['heldout']['seq_len']} tokens for "
+             f"NLL/KL, the first {state['heldout']['probe_windows']} windows for the probes.", "",
+             "| run | perplexity | KL(FP‖Q) | probe NLL | val NLL | mean local (FP in) | mean local "
+             "(propagated) | distance | tokens processed | chosen | solve s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs.values():
         m = r["metrics"]
+        chosen = ", ".join(f"{k}={v}" for k, v in (r.get("chosen") or {}).items()) or "-"
         lines.append(f"| {r['id']} | {m['perplexity']:,.2f} | {_fmt(m['kl'], 4)} | "
-                     f"{m['probe_nll']:.4f} | {m['local_fp_mean']:.4g} | "
-                     f"{m['local_prop_mean']:.4g} | {m['distance']:.4f} | "
-                     f"{r['budget']['tokens_processed']:,} | {r['seconds']['solve']:.0f} |")
-    lines += ["", "## Alignment (Spearman rho / Kendall tau)", "",
+                     f"{m['probe_nll']:.4f} | {_fmt(m.get('val_nll'), 4)} | "
+                     f"{m['local_fp_mean']:.4g} | {m['local_prop_mean']:.4g} | "
+                     f"{m['distance']:.4f} | {r['budget']['tokens_processed']:,} | {chosen} | "
+                     f"{r['seconds']['solve']:.0f} |")
+    lines += ["", "## Comparisons (held-out perplexity ratio B / A, 95% paired bootstrap over "
+              "windows, per seed)", "", "| bits | A vs B | ratio per seed | verdict |",
+              "|---|---|---|---|"]
+    for b, s in summary.items():
+        for key, cmp in s["comparisons"].items():
+            ratios = "; ".join(f"{c['ratio']:.3g} [{c['ratio_low']:.3g}, {c['ratio_high']:.3g}]"
+                               for c in cmp["per_seed"])
+            a, bb = key.split(" vs ")
+            verdict = {"a": f"{a} better", "b": f"{bb} better"}.get(cmp["holds"], "not resolved")
+            lines.append(f"| {b} | {key} | {ratios or 'n/a'} | {verdict} |")
+    lines += ["", "## Alignment (Spearman rho / Kendall tau with 95% bootstrap intervals; "
+              "n.s.: an interval spans zero)", "",
               "| bits | per layer (one at a time) | per layer, absolute proxy | across solutions | "
-              "QAFT trajectory | GPTQ per-block increments | grad cosine mean (rtn / gptq / qaft) |",
-              "|---|---|---|---|---|---|---|"]
+              "QAFT trajectory | GPTQ per-block increments | grad cosine mean (" +
+              " / ".join(MAIN) + ") |", "|---|---|---|---|---|---|---|"]
     for b, s in summary.items():
         cos = " / ".join(_fmt(s["grad_cosine"].get(m, {}).get("mean"), 3) for m in MAIN)
-        lines.append(f"| {b} | {_corr(s['per_layer'])} | {_corr(s['per_layer_proxy'])} | "
-                     f"{_corr(s['across_solutions'])} | "
-                     f"{_corr(s['qaft_trajectory'])} | {_corr(s['gptq_trajectory'])} | {cos} |")
+        cells = [f"{_ci(s[k], 'spearman')} / {_ci(s[k], 'kendall')} (n={s[k]['n']})"
+                 for k in ("per_layer", "per_layer_proxy", "across_solutions",
+                           "qaft_trajectory", "gptq_trajectory")]
+        lines.append(f"| {b} | " + " | ".join(cells) + f" | {cos} |")
     rad = state.get("radius") or {}
     lines += ["", "## Landscape", "",
               f"Random-direction radius (||D_l|| proportional to ||W_l||) at which perplexity "
@@ -310,9 +433,11 @@ def report(state: dict, summary: dict) -> str:
             lines.append(f"| {b} | {method} | {land['distance']:.4f} | "
                          f"{_fmt(land['radius_solution'], 4)} | "
                          f"{_fmt(land['radius_random_same_norm'], 4)} |")
-    lines += ["", "## Findings", ""]
+    lines += ["", "## Findings", "", "Generated from the intervals above: a comparison is "
+              "stated only when it holds on every seed with a 95% interval that excludes zero.",
+              ""]
     for b, s in summary.items():
-        lines += [_findings(int(b), s, runs_at(state, int(b)), fp, ft), ""]
+        lines += [_findings(int(b), s), ""]
     lines += ["## Plots", ""]
     for name, caption in PLOTS.items():
         lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
@@ -332,4 +457,6 @@ def write_outputs(state: dict, out: Path) -> None:
     plot_gptq_trajectory(state, out / "gptq_trajectory.png")
     plot_landscape(state, out / "landscape.png")
     plot_grad_cosine(state, out / "grad_cosine.png")
+    plot_pareto(state, out / "pareto.png")
+    plot_pareto_summary(state, out / "pareto_summary.png")
     atomic_write_text(out / "report.md", report(state, summary))

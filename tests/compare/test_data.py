@@ -148,3 +148,22 @@ def test_embedded_wiki_is_split_by_article():
     assert splits.train.startswith(texts[0]) and splits.heldout.endswith(texts[-1])
     assert 0.09 < len(splits.heldout) / (len(splits.train) + len(splits.heldout)) < 0.2
     assert k > len(texts)  # paragraphs inside articles also have blank lines
+
+
+def test_validation_slice_is_disjoint_from_the_budget_and_the_heldout_text():
+    from compare.data import DataBudget
+
+    stream = torch.arange(10_000)  # every token id unique: overlap shows as shared ids
+    heldout = torch.arange(10_000, 12_000)
+    for bos in (None, 99_999):
+        budget = DataBudget(20, 64, seed=3)
+        train = budget.blocks(stream, bos_id=bos)
+        val = budget.validation_blocks(stream, 8, bos_id=bos)
+        assert val.shape == (8, 64)
+        body = slice(1, None) if bos is not None else slice(None)
+        t, v = set(train[:, body].flatten().tolist()), set(val[:, body].flatten().tolist())
+        assert not t & v and not v & set(heldout.tolist())
+        # the budget itself is unchanged by asking for a validation slice
+        assert torch.equal(budget.blocks(stream, bos_id=bos), train)
+    with pytest.raises(DataError, match="validation slice"):
+        DataBudget(150, 64).validation_blocks(stream, 10)

@@ -42,10 +42,10 @@ def test_recipe_end_to_end_schema_correlations_and_resume(tmp_path, tiny3, text_
     monkeypatch.setitem(METHODS, "myrtn", Method("myrtn", METHODS["rtn"].fn,
                                                  METHODS["rtn"].options))
     out = tmp_path / "mis"
-    argv = _argv(tiny3, text_file, out, "--methods", "rtn", "gptq", "qaft", "myrtn")
+    argv = _argv(tiny3, text_file, out, "--methods", "rtn", "gptq", "qaft", "myrtn", "--no-tune")
     misalignment.main(argv)
     state = json.loads((out / "results.json").read_text())
-    assert state["schema"] == "qalign.misalignment/1"
+    assert state["schema"] == "qalign.misalignment/2"
     for key in ("config", "versions", "budget", "heldout", "fp_probe_nll", "runs", "sensitivity",
                 "radius", "alignment", "timings"):
         assert key in state
@@ -163,7 +163,11 @@ def test_plan_names_variants_and_extra_methods():
                                                                       "granularity=g128"]})
     ids = [p.id for p in misalignment.plan_runs(cfg)]
     assert ids == ["fp", "fp-ft", "rtn/int3-g64", "gptq/int3-g64", "gptq[damp=0.1]/int3-g64",
-                   "gptq[granularity=g128]/int3-g128", "qaft/int3-g64"]
+                   "gptq[granularity=g128]/int3-g128", "qaft/int3-g64", "qaft-gptq/int3-g64"]
+    two = load_config("quick", None, {"bits": [3], "methods": ["gptq"], "seeds": [0, 1],
+                                      "gptq_variants": []})
+    assert [p.id for p in misalignment.plan_runs(two)] == [
+        "fp", "fp-ft@0", "fp-ft@1", "gptq/int3-g64@0", "gptq/int3-g64@1"]
 
 
 def test_shipped_example_recipe_loads():
@@ -181,3 +185,79 @@ def test_schema_flag_prints_the_documented_schema(capsys):
     text = capsys.readouterr().out
     for key in ("runs", "metrics", "trajectory", "landscape", "sensitivity", "alignment"):
         assert key in text
+
+
+def test_tuned_run_records_every_trial_and_chooses_by_validation(tmp_path, tiny3, text_file):
+    out = tmp_path / "tuned"
+    argv = _argv(tiny3, text_file, out, "--bits", "2", "--methods", "rtn", "gptq", "qaft",
+                 "--gptq-variants", "--trials", "2", "--val-samples", "2",
+                 "--search", "qaft.lr=1e-4,1e-3", "qaft.scale_mode=fixed", "qaft.loss=nll",
+                 "fp-ft.lr=1e-4,1e-3")
+    misalignment.main(argv)
+    state = json.loads((out / "results.json").read_text())
+    assert state["search_spaces"]["qaft"] == {"lr": [1e-4, 1e-3], "scale_mode": ["fixed"],
+                                              "loss": ["nll"]}
+    for rid in ("rtn/int2-g16", "gptq/int2-g16", "qaft/int2-g16", "fp-ft"):
+        run = state["runs"][rid]
+        assert len(run["trials"]) == 2, rid
+        vals = [t["val_nll"] for t in run["trials"]]
+        best = run["trials"][vals.index(min(vals))]
+        assert run["chosen"] == best["options"] and run["metrics"]["val_nll"] == min(vals)
+    # every trial of a method spends the same budget: same unique tokens, same tokens processed
+    qaft_trials = state["runs"]["qaft/int2-g16"]["trials"]
+    assert len({t["tokens_processed"] for t in qaft_trials}) == 1
+    cmp = state["alignment"]["2"]["comparisons"]["gptq vs qaft"]
+    assert cmp["seeds"] == 1 and cmp["holds"] in (None, "a", "b")
+    c = cmp["per_seed"][0]
+    assert c["low"] <= c["diff"] <= c["high"]
+    assert (out / "pareto.png").stat().st_size > 0
+    assert "## Comparisons" in (out / "report.md").read_text()
+
+
+def test_tuning_with_a_one_point_grid_equals_the_untuned_run(tmp_path, tiny3, text_file):
+    pinned = ["--bits", "2", "--methods", "gptq", "qaft", "--gptq-variants", "--lr", "1e-3"]
+    one = ["--trials", "1", "--search", "gptq.damp=0.01", "gptq.act_order=true",
+           "gptq.clip_search=true", "gptq.static_groups=false", "qaft.lr=1e-3",
+           "qaft.scale_mode=dynamic", "qaft.loss=nll", "fp-ft.lr=1e-3"]
+    misalignment.main(_argv(tiny3, text_file, tmp_path / "a", *pinned, "--no-tune"))
+    misalignment.main(_argv(tiny3, text_file, tmp_path / "b", *pinned, *one))
+    a = json.loads((tmp_path / "a" / "results.json").read_text())["runs"]
+    b = json.loads((tmp_path / "b" / "results.json").read_text())["runs"]
+    for rid in ("gptq/int2-g16", "qaft/int2-g16", "fp-ft"):
+        assert a[rid]["metrics"]["window_nll"] == b[rid]["metrics"]["window_nll"], rid
+        assert [x["rel_err_fp"] for x in a[rid]["layers"]] == \
+            [x["rel_err_fp"] for x in b[rid]["layers"]], rid
+
+
+def test_two_seeds_resume_and_aggregate(tmp_path, tiny3, text_file, monkeypatch):
+    from recipes import misalignment_study
+
+    out = tmp_path / "seeds"
+    argv = _argv(tiny3, text_file, out, "--bits", "2", "--methods", "rtn", "gptq",
+                 "--gptq-variants", "--seeds", "0", "1", "--no-tune")
+    real = misalignment_study.measure
+    done = []
+
+    def stop_after_four(study, plan):
+        if len(done) == 4:
+            raise KeyboardInterrupt
+        done.append(plan.id)
+        return real(study, plan)
+
+    monkeypatch.setattr(misalignment, "measure", stop_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        misalignment.main(argv)
+    saved = json.loads((out / "results.json").read_text())["runs"]
+    assert list(saved) == ["fp", "fp-ft@0", "fp-ft@1", "rtn/int2-g16@0"]
+    monkeypatch.setattr(misalignment, "measure", real)
+    misalignment.main(argv)
+    state = json.loads((out / "results.json").read_text())
+    assert state["runs"]["rtn/int2-g16@0"] == saved["rtn/int2-g16@0"]  # not recomputed
+    # the two seeds draw different budgets, so GPTQ differs; RTN needs no data and does not
+    g0, g1 = (state["runs"][f"gptq/int2-g16@{s}"]["metrics"]["nll"] for s in (0, 1))
+    r0, r1 = (state["runs"][f"rtn/int2-g16@{s}"]["metrics"]["nll"] for s in (0, 1))
+    assert g0 != g1 and r0 == r1
+    spread = state["alignment"]["2"]["methods"]["gptq"]["perplexity"]
+    assert spread["n"] == 2 and spread["min"] <= spread["mean"] <= spread["max"]
+    assert spread["low"] <= spread["mean"] <= spread["high"]
+    assert state["alignment"]["2"]["comparisons"]["rtn vs gptq"]["seeds"] == 2
