@@ -293,6 +293,17 @@ def _check_extras(model, config: TrainConfig, teacher, validate_fn) -> None:
                            "validate_fn out")
 
 
+def _fresh_accelerator_state(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with
+    another mixed precision; a library called twice (fp32, then bf16) must not fail for that.
+    Only the accelerator part is reset: the process group (PartialState) stays."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and \
+            str(AcceleratorState().mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
              config: TrainConfig = TrainConfig(), *,
              local_inputs: dict[str, torch.Tensor] | None = None,
@@ -340,6 +351,7 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
 
     # Without an accelerator, cpu=True is what lets accelerate run several CPU processes (gloo)
     on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    _fresh_accelerator_state(config.mixed_precision)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=on_cpu,
                               gradient_accumulation_steps=config.grad_accum)
     world, rank = accelerator.num_processes, accelerator.process_index

@@ -21,6 +21,7 @@ from pathlib import Path
 from compare.data import budget_blocks, load_text
 from compare.evaluate import evaluate_nll, heldout_windows
 from compare.io import read_json, write_csv, write_json
+from compare.dtypes import describe_dtype_choice, resolve_dtype
 from compare.models import EMBEDDED_MODELS, check_seq_len, load_model, prepare_embedded
 from ptq.checkpoint import save_quantized
 from ptq.export import check_compressed_tensors_spec, save_compressed_tensors
@@ -36,13 +37,19 @@ from recipes.quantization import (CalibConfig, add_calib_flags, add_method_flags
 RECIPES = {"misalignment": misalignment, "ptq-table": ptq_table, "same-budget": same_budget}
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="embedded name, local model folder, local .gguf file or hub id "
                         "(default: smollm2-135m)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model's own Python code to run (off by default)")
+    if dtype:
+        p.add_argument("--dtype", default="auto",
+                       help="compute dtype of the model's forward passes: auto (bfloat16 on "
+                            "CPUs with AMX/AVX512-BF16 and CUDA GPUs with bf16, else float32), "
+                            "float32 or bfloat16; Hessians, GPTQ and scales stay float32 "
+                            "(default: auto)")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -73,6 +80,13 @@ def _source_label(model: str) -> dict:
     return {"method": "fp", "spec": None}
 
 
+def _dtype(args):
+    """The compute dtype --dtype names on --device, said once on stderr."""
+    device = resolve_device(args.device)
+    print(f"qalign: {describe_dtype_choice(args.dtype, device)}", file=sys.stderr)
+    return resolve_dtype(args.dtype, device)
+
+
 def cmd_prepare(args) -> None:
     names = list(EMBEDDED_MODELS) if args.model == "all" else [args.model]
     for name in names:
@@ -88,6 +102,7 @@ def cmd_quantize(args) -> None:
     options = method_options(args, [args.method])[args.method]
     calib = calib_config(args, args.method)
     out = out_folder(args.out)
+    dtype = _dtype(args)
     if args.export == "compressed-tensors":  # refuse what the format cannot hold before work
         check_compressed_tensors_spec(spec)
         if out.exists():
@@ -95,7 +110,7 @@ def cmd_quantize(args) -> None:
                                "another path")
     device = resolve_device(args.device)
     text = load_text(args.data) if calib is not None else None
-    model, tokenizer = load_model(args.model, device=device,
+    model, tokenizer = load_model(args.model, device=device, dtype=dtype,
                                   trust_remote_code=args.trust_remote_code)
     if calib is not None:
         check_seq_len(model, calib.seq_len)
@@ -129,8 +144,9 @@ def cmd_eval(args) -> None:
     if args.json:
         out_file(args.json, "--json")
     device = resolve_device(args.device)
+    dtype = _dtype(args)
     text = load_text(args.data)  # once: calibration (train split) and evaluation (held-out)
-    model, tokenizer = load_model(args.model, device=device,
+    model, tokenizer = load_model(args.model, device=device, dtype=dtype,
                                   trust_remote_code=args.trust_remote_code)
     check_seq_len(model, args.seq_len)
     label = _source_label(args.model)
@@ -143,7 +159,8 @@ def cmd_eval(args) -> None:
     windows, bos_id = heldout_windows(tokenizer, text, args.seq_len, args.max_tokens,
                                       args.add_bos)
     result = evaluate_nll(model, windows, batch_size=args.batch_size, bos_id=bos_id)
-    row = {"model": args.model, "data": args.data, **label, **result.to_dict()}
+    row = {"model": args.model, "data": args.data, **label, "dtype": str(dtype).split(".")[-1],
+           **result.to_dict()}
     print(json.dumps({k: v for k, v in row.items() if k != "window_nll"}, indent=1))
     if args.json:
         write_json(args.json, row)
@@ -230,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune on exactly the token blocks PTQ calibrates on "
                                    "(--samples x --seq-len of the train split) and save the "
                                    "result (packed codes, or plain safetensors for --mode fp).")
-    _model_args(s)
+    _model_args(s, dtype=False)  # fp32 weights; --mixed-precision bf16 for bf16 compute
     s.add_argument("--spec", help="quantization spec (not with --mode fp)")
     s.add_argument("--data", default="wiki",
                    help="training text: 'wiki', a text file or hf:NAME[:CONFIG] (default: wiki)")

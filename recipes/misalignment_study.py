@@ -15,9 +15,12 @@ import math
 import time
 import zlib
 
+import torch
+
 import qaft
 from compare.alignment import first_crossing
 from compare.data import DataBudget, bos_token_id, load_text, tokenize
+from compare.dtypes import describe_dtype_choice, resolve_dtype
 from compare.evaluate import evaluate_nll, heldout_windows, reference_logprobs
 from compare.memory import PeakRSS
 from compare.models import check_seq_len, load_model
@@ -86,10 +89,13 @@ def _finetune_fields(method: str) -> dict:
 def search_spaces(cfg: MisalignmentConfig) -> dict[str, dict[str, tuple]]:
     """{method: {field: values}} for every tunable method of the study, declared spaces with
     the config's `search` entries on top."""
-    methods = [m for m in cfg.methods if m not in QAFT_ARMS] + [m for m in cfg.methods
-                                                                if m in QAFT_ARMS] + ["fp-ft"]
+    from ptq.registry import METHODS
+
+    used = [*cfg.methods, "fp-ft"]
+    # entries may name any tunable method (a preset narrows spaces of methods a study may leave
+    # out); the study draws from the spaces of its own methods
     defaults, types = {}, {}
-    for m in methods:
+    for m in [*METHODS, *QAFT_ARMS, "fp-ft"]:
         if m in FINETUNE:
             types[m] = _finetune_fields(m)
             defaults[m] = {k: v for k, v in qaft.QAFT_SEARCH_SPACE.items() if k in types[m]}
@@ -97,7 +103,8 @@ def search_spaces(cfg: MisalignmentConfig) -> dict[str, dict[str, tuple]]:
             method = get_method(m)
             types[m] = field_types(method.options)
             defaults[m] = dict(method.search_space)
-    return merge_spaces(defaults, cfg.search, types)
+    spaces = merge_spaces(defaults, cfg.search, types)
+    return {m: spaces[m] for m in used}
 
 
 class Study:
@@ -107,7 +114,9 @@ class Study:
     def __init__(self, cfg: MisalignmentConfig, device: str, progress: bool):
         self.cfg, self.device, self.progress = cfg, device, progress
         self.spaces = search_spaces(cfg)  # bad search entries fail before any work
-        model, tokenizer = load_model(cfg.model, device=device)
+        self.dtype = resolve_dtype(cfg.dtype, device)
+        print(f"dtype: {describe_dtype_choice(cfg.dtype, device)}", flush=True)
+        model, tokenizer = load_model(cfg.model, device=device, dtype=self.dtype)
         check_seq_len(model, cfg.seq_len, "seq_len")
         check_seq_len(model, cfg.eval_seq_len, "eval_seq_len")
         check_specs(model, {p.spec for p in plan_runs(cfg) if p.bits})
@@ -142,8 +151,15 @@ class Study:
         return {n: rtn.fn(self.fp_weights[n], None, parse_spec(spec), rtn.options()).weight
                 for n in (names if names is not None else self.names)}
 
-    def fresh_model(self):
-        return load_model(self.cfg.model, device=self.device, with_tokenizer=False)[0]
+    def fresh_model(self, dtype: torch.dtype | None = None):
+        return load_model(self.cfg.model, device=self.device, dtype=dtype or self.dtype,
+                          with_tokenizer=False)[0]
+
+    @property
+    def mixed_precision(self) -> str:
+        """Fine-tuning keeps float32 weights (a bfloat16 weight would lose updates of lr 1e-5)
+        and computes in the study's dtype through autocast."""
+        return "bf16" if self.dtype == torch.bfloat16 else "no"
 
     def probe(self, model, grad: bool = False) -> dict:
         return probe(model, self.probe_windows, self.fp_weights, self.hessians, grad=grad,
@@ -176,6 +192,7 @@ def _finetune(study: Study, plan: Plan, model, point: dict, out: dict) -> None:
     keep_best = cfg.keep_best  # the number of steps is chosen on the validation slice too
     train = qaft.TrainConfig(**{**pinned, **{k: v for k, v in point.items() if k in train_fields}},
                              epochs=cfg.epochs, seed=plan.seed, eval_every=cfg.checkpoint_every,
+                             mixed_precision=study.mixed_precision,
                              validate_every=cfg.checkpoint_every if keep_best else 0,
                              patience=cfg.patience if keep_best else 0)
     validate = (lambda m: study.validation_nll(m, plan.seed)) if keep_best else None
@@ -198,6 +215,7 @@ def _finetune(study: Study, plan: Plan, model, point: dict, out: dict) -> None:
             out["trajectory"].append({"step": 0, "tokens_processed": 0,
                                       **study.checkpoint(model)})
     res = run()
+    res.model.to(study.dtype)  # evaluated like every other solution
     keys = ("step", "tokens_processed", "unique_tokens", "loss", "seconds", "nll",
             "local_fp_mean", "local_prop_mean", "distance", "val_nll")
     out["trajectory"] += [{k: r[k] for k in keys if k in r} for r in res.train.history
@@ -249,7 +267,7 @@ def _tuned(study: Study, plan: Plan):
               if space else [{}])
     best, trials = None, []
     for i, point in enumerate(points):
-        model = study.fresh_model()
+        model = study.fresh_model(torch.float32 if plan.method in FINETUNE else None)
         t0 = time.perf_counter()
         solved = solve(study, plan, model, point)
         val = (study.validation_nll(model, plan.seed)

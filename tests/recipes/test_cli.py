@@ -40,7 +40,8 @@ def test_bad_spec_exits_with_a_clear_message(capsys):
 
 def test_quantize_then_eval(tmp_path, tiny_model_dir, text_file, capsys):
     out = tmp_path / "q"
-    cli.main(["quantize", "--model", str(tiny_model_dir), "--spec", "int3-g16", "--out", str(out),
+    cli.main(["quantize", "--model", str(tiny_model_dir), "--spec", "int3-g16", "--dtype", "float32",
+              "--out", str(out),
               "--device", "cpu"])
     original, _ = load_model(str(tiny_model_dir))
     quantized, _ = load_model(str(out))
@@ -193,7 +194,8 @@ def test_quantize_exports_compressed_tensors_that_transformers_loads(tmp_path, t
     own, ct = tmp_path / "own", tmp_path / "ct"
     for out, fmt in ((own, "qalign"), (ct, "compressed-tensors")):
         cli.main(["quantize", "--model", str(tiny_model_dir), "--spec", "int4-g16", "--method",
-                  "gptq", "--samples", "4", "--seq-len", "16", "--export", fmt, "--out",
+                  "gptq", "--samples", "4", "--seq-len", "16", "--export", fmt, "--dtype",
+                  "float32", "--out",
                   str(out), "--device", "cpu"])
     ours, _ = load_model(str(own))
     theirs = AutoModelForCausalLM.from_pretrained(ct)
@@ -210,3 +212,15 @@ def test_export_of_a_grid_the_format_cannot_hold_is_refused_before_work(tmp_path
                   str(tmp_path / "ct"), "--model", "./no-model-needed-yet"])
     assert e.value.code == 2 and "save_quantized" in capsys.readouterr().err
     assert not (tmp_path / "ct").exists()
+
+
+def test_auto_dtype_never_picks_float16_and_is_recorded(tmp_path, tiny_model_dir, text_file):
+    # auto gives bfloat16 on CPUs with bf16 units, float32 elsewhere, never float16 on a CPU;
+    # the eval row says which dtype computed it
+    cli.main(["eval", "--model", str(tiny_model_dir), "--data", str(text_file), "--seq-len", "32",
+              "--max-tokens", "64", "--device", "cpu", "--json", str(tmp_path / "e.json")])
+    row = json.loads((tmp_path / "e.json").read_text())
+    assert row["dtype"] in ("bfloat16", "float32")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--model", str(tiny_model_dir), "--dtype", "float16", "--device", "cpu"])
+    assert e.value.code == 2
