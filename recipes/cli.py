@@ -81,9 +81,9 @@ def _source_label(model: str) -> dict:
 
 
 def _dtype(args):
-    """The compute dtype --dtype names on --device, said once on stderr."""
+    """The compute dtype --dtype names on --device, said once in the log."""
     device = resolve_device(args.device)
-    print(f"qalign: {describe_dtype_choice(args.dtype, device)}", file=sys.stderr)
+    print(f"qalign: {describe_dtype_choice(args.dtype, device)}", flush=True)
     return resolve_dtype(args.dtype, device)
 
 

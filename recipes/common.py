@@ -15,7 +15,8 @@ from compare.io import read_json
 from ptq.errors import OptionsError, QalignError
 from ptq.layers import linear_weight, quantizable_linears, set_linear_weight
 
-__all__ = ["ConfigError", "at_least", "check_specs", "out_folder", "out_file", "resolve_device",
+__all__ = ["ConfigError", "at_least", "check_specs", "out_folder", "out_file", "previous_results",
+           "resolve_device",
            "versions", "finished_rows", "WeightSnapshot"]
 
 
@@ -90,23 +91,31 @@ def versions() -> dict:
     return out
 
 
-def finished_rows(results_path, config: dict, fresh: bool) -> list[dict]:
-    """Rows a previous run of the same config left in results_path (resume), else []. A file
-    from another config is an error rather than something silently mixed in or overwritten."""
-    damaged = (f"{results_path} is not a results file of this recipe (damaged, or written by "
-               "something else); use another --out, or --fresh to replace it")
+def previous_results(path, config: dict, fresh: bool, is_ours) -> dict | None:
+    """The results a previous run of the same config left at `path` (resume), or None. A file
+    that `is_ours(obj)` rejects (damaged, foreign) or that holds another config is an error
+    rather than something silently mixed in or overwritten."""
+    damaged = (f"{path} is not a results file of this recipe (damaged, or written by something "
+               "else); use another --out, or --fresh to replace it")
     try:
-        previous = None if fresh else read_json(results_path)
+        previous = None if fresh else read_json(path)
     except ValueError:  # not JSON, or not UTF-8
         raise ConfigError(damaged) from None
     if previous is None:
-        return []
-    if not isinstance(previous, dict) or not {"config", "rows"} <= previous.keys():
+        return None
+    if not isinstance(previous, dict) or not is_ours(previous):
         raise ConfigError(damaged)
-    if previous["config"] != config:
-        raise ConfigError(f"{results_path} holds results of another config; use another --out, "
-                          "or --fresh to discard them")
-    return previous["rows"]
+    if previous.get("config") != config:
+        raise ConfigError(f"{path} holds results of another config; use another --out, or "
+                          "--fresh to discard them")
+    return previous
+
+
+def finished_rows(results_path, config: dict, fresh: bool) -> list[dict]:
+    """Rows a previous run of the same config left in results_path (resume), else []."""
+    previous = previous_results(results_path, config, fresh,
+                                lambda obj: {"config", "rows"} <= obj.keys())
+    return [] if previous is None else previous["rows"]
 
 
 def check_specs(model: nn.Module, specs, filter_fn=None) -> None:

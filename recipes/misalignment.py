@@ -27,9 +27,9 @@ import json
 import time
 from pathlib import Path
 
-from compare.io import read_json, write_json
+from compare.io import write_json
 from compare.probes import random_radius
-from recipes.common import ConfigError, out_folder, resolve_device, versions
+from recipes.common import out_folder, previous_results, resolve_device, versions
 from recipes.flags import given_fields
 from recipes.misalignment_config import (PRESETS, MisalignmentConfig, add_config_flags,
                                          load_config)
@@ -41,18 +41,8 @@ __all__ = ["Plan", "plan_runs", "run_study", "run", "build_parser", "config_from
 
 def _load_state(path: Path, cfg: MisalignmentConfig, fresh: bool) -> dict:
     config = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    damaged = (f"{path} is not a results file of this recipe (damaged, or written by something "
-               "else); use another --out, or --fresh to replace it")
-    try:
-        previous = None if fresh else read_json(path)
-    except ValueError:  # not JSON, or not UTF-8
-        raise ConfigError(damaged) from None
+    previous = previous_results(path, config, fresh, lambda obj: obj.get("schema") == SCHEMA)
     if previous is not None:
-        if not isinstance(previous, dict) or previous.get("schema") != SCHEMA:
-            raise ConfigError(damaged)
-        if previous.get("config") != config:
-            raise ConfigError(f"{path} holds results of another config; use another --out, or "
-                              "--fresh to discard them")
         return previous
     return {"schema": SCHEMA, "config": config, "versions": versions(), "fp_probe_nll": None,
             "runs": {}, "sensitivity": {}, "radius": None, "timings": {}}
