@@ -6,6 +6,11 @@ attention mask and (Gemma 3) a different rotary embedding per layer type. Replay
 keyword arguments for every block would calibrate the full-attention blocks with the
 sliding-window mask, silently; so the arguments of each block k are recorded.
 
+The hidden states are kept in the model's own dtype (a bfloat16 model's take half the memory of
+a float32 one's), on the compute device by default; with `offload_dir` they go to disk instead,
+one safetensors file per batch (`DiskActivations`), read back one batch at a time, so that memory
+holds one batch rather than the whole calibration budget.
+
 One pass of the model's base (embeddings and its loop over the blocks) per calibration batch,
 with every decoder block swapped for a `_Recorder` that records the (args, kwargs) the loop gives
 it and returns its hidden-state input unchanged: the pass costs the embeddings (plus one real
@@ -17,15 +22,18 @@ rotary embedding that the loop passes to several blocks is stored once.
 from __future__ import annotations
 
 import inspect
+import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .arch import ArchError, decoder_blocks, get_arch
 
-__all__ = ["BlockInputs", "capture_block_inputs"]
+__all__ = ["BlockInputs", "DiskActivations", "capture_block_inputs"]
 
 # arguments not replayed: the hidden states (given positionally), and the KV cache, which
 # block-by-block calibration does not use
@@ -33,16 +41,65 @@ _DROPPED = frozenset({"hidden_states", "past_key_values", "past_key_value", "lay
                       "use_cache"})
 
 
+class DiskActivations:
+    """A list of per-batch activations kept on disk: `store[i]` reads batch i (onto `device`),
+    `store[i] = t` writes it (i up to len(store): writing at len(store) appends), one
+    safetensors file per batch in `folder`. A batch is replaced by writing a new file and renaming
+    it over the old one, so a tensor read from the old file is never changed under its reader.
+    The caller owns `folder` and removes it (the driver uses a temporary directory)."""
+
+    def __init__(self, folder: str | Path, device: torch.device | str = "cpu"):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(device)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _path(self, i: int) -> Path:
+        return self.folder / f"batch{i:06d}.safetensors"
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        if not 0 <= i < self._n:
+            raise IndexError(f"batch {i} of {self._n}")
+        return load_file(self._path(i), device=str(self.device))["x"]
+
+    def __setitem__(self, i: int, t: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        if not 0 <= i <= self._n:
+            raise IndexError(f"batch {i}: write batches in order (have {self._n})")
+        tmp = self._path(i).with_suffix(".tmp")
+        save_file({"x": t.detach().contiguous()}, str(tmp))
+        os.replace(tmp, self._path(i))
+        self._n = max(self._n, i + 1)
+
+    def append(self, t: torch.Tensor) -> None:
+        self[self._n] = t
+
+    def remove(self) -> None:
+        """Delete the files (the store is empty afterwards)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self._n = 0
+
+    def __iter__(self):
+        return (self[i] for i in range(self._n))
+
+
 @dataclass
 class BlockInputs:
     """What enters the decoder blocks, per calibration batch.
 
-    hidden[i]: (batch, seq, dim) hidden states entering block 0 on batch i.
+    hidden[i]: (batch, seq, dim) hidden states entering block 0 on batch i, in the model's dtype
+    (a list in memory, or a `DiskActivations` with offload_dir).
     kwargs(k)[i]: the keyword arguments block k receives on batch i in the model's own forward;
     run it as `block(hidden, **kwargs(k)[i])`.
     """
 
-    hidden: list[torch.Tensor]
+    hidden: list[torch.Tensor] | DiskActivations
     block_kwargs: list[list[dict]]  # [block k][batch i]
 
     def kwargs(self, k: int) -> list[dict]:
@@ -140,12 +197,16 @@ def _blocks_replaced(model: nn.Module, replacement: nn.ModuleList):
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int,
-                         device: torch.device | str) -> BlockInputs:
+                         device: torch.device | str, *, offload_dir: str | Path | None = None
+                         ) -> BlockInputs:
     """Hidden states entering block 0 and the keyword arguments of every block, per batch of
-    `calib` (n_samples, seq_len) token ids, on `device` (module docstring)."""
+    `calib` (n_samples, seq_len) token ids, on `device` (module docstring). With offload_dir,
+    the hidden states are written there batch by batch (`DiskActivations`, read back onto
+    `device`); the caller removes the folder."""
     device = torch.device(device)
     blocks = decoder_blocks(model)
-    cap = _Capture(hidden=[], block_kwargs=[[] for _ in blocks])
+    hidden = [] if offload_dir is None else DiskActivations(offload_dir, device)
+    cap = _Capture(hidden=hidden, block_kwargs=[[] for _ in blocks])
     recorders = nn.ModuleList([_Recorder(b, k, cap) for k, b in enumerate(blocks)])
     block0_home = next(blocks[0].parameters(), torch.empty(0)).device
     with _blocks_replaced(model, recorders) as base:

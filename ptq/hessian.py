@@ -1,9 +1,10 @@
 """Running Hessian of a linear layer's reconstruction loss, H = 2/n sum_t x_t x_t^T.
 
-Each batch's X^T X is a float32 GEMM (the fast part); the running mean is kept in float64, so
-many batches add up without drift: after batches of m_1, m_2, ... tokens,
-H = 2 / (m_1 + m_2 + ...) * sum_b X_b^T X_b, the Hessian of the concatenated batch.
-"""
+Each batch's X^T X is a float32 GEMM (the fast part), also for the inputs of a bfloat16 or
+float16 model, which are upcast first (a 16-bit GEMM would round every sum to 8 or 11 bits);
+the running mean is kept in float64, so many batches add up without drift: after batches of
+m_1, m_2, ... tokens, H = 2 / (m_1 + m_2 + ...) * sum_b X_b^T X_b, the Hessian of the
+concatenated batch."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ class HessianAccumulator:
         m = x.shape[0]
         if m == 0:
             return
-        xtx = x.float().T @ x.float()  # (in, in), float32 GEMM
+        x = x.float()  # a bf16/fp16 model's inputs: X^T X must not be summed in 16 bits
+        xtx = x.T @ x  # (in, in), float32 GEMM
         total = self.n_tokens + m
         self.H.mul_(self.n_tokens / total).add_(xtx.to(torch.float64), alpha=2.0 / total)
         self.n_tokens = total

@@ -11,13 +11,25 @@
    needs no second pass). With `true_sequential`, layers that read the same input form a group,
    and each later group's Hessian is taken with the earlier groups already quantized.
 Only the block being quantized (plus its inputs) needs to be on the compute device.
+
+Dtypes: the blocks run in the model's own dtype, and the captured activations are kept in it
+(bfloat16 halves them); with `offload_dir` they live on disk, one file per batch, and memory holds
+one batch at a time. The statistics do not follow the model's dtype: each batch's X^T X is a
+float32 GEMM of the upcast inputs, summed in float64 (`HessianAccumulator`), and a method receives
+W upcast to float32 from a 16-bit model (scales and the GPTQ solve stay float32/float64); its
+result is written back rounded to the model's dtype, and the record's losses are those of the
+weight the model then holds.
 The relative output error of each layer on its calibration inputs, ||X dW^T||^2 / ||X W^T||^2,
 is exactly tr(dW H dW^T) / tr(W H W^T), so it comes from H without storing X.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -26,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .apply import LayerRecord
 from .arch import block_prefix, decoder_blocks
-from .capture import capture_block_inputs
+from .capture import DiskActivations, capture_block_inputs
 from .errors import QalignError
 from .formats import QuantizedTensor, QuantSpec
 from .hessian import HessianAccumulator
@@ -37,15 +49,25 @@ from .registry import LayerStats, Method
 __all__ = ["quantize_blocks"]
 
 
-def _run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs_list: list[dict],
-               in_place: bool = False) -> list[torch.Tensor]:
-    """The block's outputs per batch; in_place writes each over its input (which is then no
-    longer needed), so a block's inputs and outputs are not both held."""
-    outs = inputs if in_place else [None] * len(inputs)
+# weight dtypes that methods receive upcast to float32 (their rounding would swamp the solve)
+_UPCAST = (torch.bfloat16, torch.float16)
+
+
+def _run_block(block: nn.Module, inputs, kwargs_list: list[dict], out=None) -> None:
+    """Run the block on every batch; write output i to out[i] (out may be `inputs` itself: each
+    output then replaces its input, which is no longer needed, so a block's inputs and outputs
+    are not both held), or drop the outputs when out is None (a statistics-only pass)."""
     for i, kw in enumerate(kwargs_list):
-        out = block(inputs[i], **kw)
-        outs[i] = out[0] if isinstance(out, tuple) else out
-    return outs
+        y = block(inputs[i], **kw)
+        if out is not None:
+            out[i] = y[0] if isinstance(y, tuple) else y
+
+
+def _new_store(like, root: Path | None, k: int):
+    """An empty store for block k's outputs, of the same kind as `like` (memory or disk)."""
+    if isinstance(like, DiskActivations):
+        return DiskActivations(root / f"block{k}", like.device)
+    return [None] * len(like)
 
 
 def _input_groups(block: nn.Module, layers: dict[str, nn.Module], inputs, kwargs_list
@@ -61,7 +83,7 @@ def _input_groups(block: nn.Module, layers: dict[str, nn.Module], inputs, kwargs
     handles = [m.register_forward_hook(lambda mod, args, out, name=name: record(mod, args, out, name))
                for name, m in layers.items()]
     try:
-        _run_block(block, inputs[:1], kwargs_list[:1])
+        _run_block(block, [inputs[0]], kwargs_list[:1])
     finally:
         for h in handles:
             h.remove()
@@ -94,12 +116,15 @@ def quantize_blocks(model: nn.Module, calib: torch.Tensor, spec: QuantSpec, meth
                     options, layers: dict[str, nn.Module], *, true_sequential: bool = False,
                     propagate: str = "quantized", batch_size: int = 8,
                     device: str | torch.device | None = None, progress: bool = True,
-                    on_block: Callable[[int, list[LayerRecord]], None] | None = None
+                    on_block: Callable[[int, list[LayerRecord]], None] | None = None,
+                    offload_dir: str | Path | None = None
                     ) -> tuple[list[LayerRecord], dict[str, QuantizedTensor]]:
     """Quantize `layers` ({name: module}, already checked against the spec) in place, block by
     block (module docstring). on_block(k, records): called after block k is quantized and back on
     the model's device, when blocks 0..k hold their quantized weights and the later ones are
-    still FP (for trajectories of the global loss along the calibration)."""
+    still FP (for trajectories of the global loss along the calibration).
+    offload_dir: keep the block inputs on disk, in a temporary folder made inside this one and
+    removed when the run ends (also on error), instead of in memory."""
     blocks = decoder_blocks(model)
     prefix = block_prefix(model)
     outside = [n for n in layers if not n.startswith(prefix + ".")]
@@ -109,58 +134,84 @@ def quantize_blocks(model: nn.Module, calib: torch.Tensor, spec: QuantSpec, meth
                           "a data-free method without calib")
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
+    scratch = nullcontext(None)  # the folder of the offloaded activations (None: memory)
+    if offload_dir is not None:
+        Path(offload_dir).mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.TemporaryDirectory(prefix="qalign-activations-", dir=offload_dir)
+    with scratch as root:
+        root = None if root is None else Path(root)
+        captured = capture_block_inputs(model, calib, batch_size, device,
+                                        offload_dir=None if root is None else root / "input")
+        inputs = captured.hidden
+        records: list[LayerRecord] = []
+        quantized: dict[str, QuantizedTensor] = {}
+        bar = tqdm(range(len(blocks)), desc=f"{method.name} {spec}", disable=not progress)
+        for k in bar:
+            kwargs_list = captured.kwargs(k)
+            block = blocks[k].to(device)
+            own = {n: mod for n, mod in layers.items() if n.startswith(f"{prefix}.{k}.")}
+            groups = _input_groups(block, own, inputs, kwargs_list) if own else []
+            # one calibration pass for the whole block, or one per input group (true-sequential)
+            stages = [[g] for g in groups] if true_sequential else [groups]
+            outputs = None
+            for si, stage in enumerate(stages):
+                stats, handles = {}, []
+                for group in stage:  # layers reading the same input share one Hessian
+                    s = _Statistics(linear_weight(own[group[0]]).shape[1], device,
+                                    method.needs_inputs)
+                    stats.update({n: s for n in group})
+                    handles.append(own[group[0]].register_forward_hook(
+                        lambda mod, args, out, s=s: s.update(args[0])))
+                if si == 0 and propagate == "fp":  # the FP block's outputs feed the next block
+                    outputs = _new_store(inputs, root, k)
+                elif not stage:
+                    continue  # no layer to calibrate in this block: nothing to collect
+                try:
+                    _run_block(block, inputs, kwargs_list, outputs if si == 0 else None)
+                finally:
+                    for h in handles:
+                        h.remove()
+                for n in (n for group in stage for n in group):
+                    records.append(_quantize_layer(n, k, own[n], stats[n], spec, method, options,
+                                                   quantized))
+                del stats
+            if outputs is None:
+                _run_block(block, inputs, kwargs_list, out=inputs)
+                outputs = inputs
+            elif isinstance(inputs, DiskActivations):
+                inputs.remove()  # block k's inputs are spent
+            inputs = outputs
+            if device != home:
+                blocks[k].to(home)
+            if on_block is not None:
+                on_block(k, records)
+            worst = max((r.rel_output_error for r in records if r.block == k), default=0.0)
+            bar.set_postfix(block=k, max_rel_err=f"{worst:.3g}")
+        return records, quantized
 
-    captured = capture_block_inputs(model, calib, batch_size, device)
-    inputs = captured.hidden
-    records: list[LayerRecord] = []
-    quantized: dict[str, QuantizedTensor] = {}
-    bar = tqdm(range(len(blocks)), desc=f"{method.name} {spec}", disable=not progress)
-    for k in bar:
-        kwargs_list = captured.kwargs(k)
-        block = blocks[k].to(device)
-        own = {n: mod for n, mod in layers.items() if n.startswith(f"{prefix}.{k}.")}
-        groups = _input_groups(block, own, inputs, kwargs_list) if own else []
-        # one calibration pass for the whole block, or one per input group (true-sequential)
-        stages = [[g] for g in groups] if true_sequential else [groups]
-        outputs = None
-        for si, stage in enumerate(stages):
-            stats, handles = {}, []
-            for group in stage:  # layers reading the same input share one Hessian
-                s = _Statistics(linear_weight(own[group[0]]).shape[1], device,
-                                method.needs_inputs)
-                stats.update({n: s for n in group})
-                handles.append(own[group[0]].register_forward_hook(
-                    lambda mod, args, out, s=s: s.update(args[0])))
-            try:
-                outs = _run_block(block, inputs, kwargs_list)
-            finally:
-                for h in handles:
-                    h.remove()
-            if si == 0 and propagate == "fp":
-                outputs = outs  # the FP block's outputs feed the next block
-            for n in (n for group in stage for n in group):
-                t0 = time.perf_counter()
-                W = linear_weight(own[n]).detach()
-                layer_stats = stats[n].layer_stats()
-                H = layer_stats.H
-                res = method.fn(W, layer_stats, spec, options)
-                loss = res.loss if res.loss is not None else layer_loss(W, res.weight, H)
-                rel = relative_output_error_from_hessian(W, res.weight, H, loss)
-                err = weight_relative_error(W, res.weight)
-                set_linear_weight(own[n], res.weight)
-                if res.quantized is not None:
-                    quantized[n] = res.quantized
-                records.append(LayerRecord(n, k, tuple(W.shape), method.name, str(spec), err,
-                                           loss, rel, getattr(res, "damp", None),
-                                           layer_stats.n_tokens, time.perf_counter() - t0))
-            del stats
-        if outputs is None:
-            outputs = _run_block(block, inputs, kwargs_list, in_place=True)
-        inputs = outputs
-        if device != home:
-            blocks[k].to(home)
-        if on_block is not None:
-            on_block(k, records)
-        worst = max((r.rel_output_error for r in records if r.block == k), default=0.0)
-        bar.set_postfix(block=k, max_rel_err=f"{worst:.3g}")
-    return records, quantized
+
+def _quantize_layer(name: str, k: int, module: nn.Module, stats: _Statistics, spec: QuantSpec,
+                    method: Method, options, quantized: dict) -> LayerRecord:
+    """Quantize one layer in place from its statistics; its record. A 16-bit weight goes to the
+    method as float32 and comes back rounded to the model's dtype (module docstring)."""
+    t0 = time.perf_counter()
+    W_model = linear_weight(module).detach()
+    W = W_model.float() if W_model.dtype in _UPCAST else W_model
+    layer_stats = stats.layer_stats()
+    H = layer_stats.H
+    res = method.fn(W, layer_stats, spec, options)
+    Wq, qt, loss = res.weight, res.quantized, res.loss
+    if W is not W_model:
+        # what the model will hold; its codes dequantize to exactly that weight
+        Wq = res.weight.to(W_model.dtype).float()
+        qt = replace(qt, dtype=W_model.dtype) if qt is not None else None
+        loss = None
+    loss = loss if loss is not None else layer_loss(W, Wq, H)
+    rel = relative_output_error_from_hessian(W, Wq, H, loss)
+    err = weight_relative_error(W, Wq)
+    set_linear_weight(module, Wq)
+    if qt is not None:
+        quantized[name] = qt
+    return LayerRecord(name, k, tuple(W.shape), method.name, str(spec), err, loss, rel,
+                       getattr(res, "damp", None), layer_stats.n_tokens,
+                       time.perf_counter() - t0)

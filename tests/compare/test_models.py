@@ -131,3 +131,29 @@ def test_prepared_smollm2_equals_the_gguf_model(smollm2):
         assert torch.equal(model(ids).logits, ref(ids).logits)
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     assert getattr(model.config, "quantization_config", None) is None
+
+
+def test_bf16_model_loads_and_runs_close_to_fp32(tiny_model_dir):
+    from compare.evaluate import evaluate_nll
+
+    fp32, tokenizer = load_model(str(tiny_model_dir))
+    bf16, _ = load_model(str(tiny_model_dir), dtype=torch.bfloat16, with_tokenizer=False)
+    named, _ = load_model(str(tiny_model_dir), dtype="bf16", with_tokenizer=False)
+    assert {p.dtype for p in bf16.parameters()} == {p.dtype for p in named.parameters()} == {
+        torch.bfloat16}
+    # the bf16 weights are the fp32 ones rounded
+    for (k, a), b in zip(fp32.state_dict().items(), bf16.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16), b), k
+    windows = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    a = evaluate_nll(fp32, windows, progress=False)
+    b = evaluate_nll(bf16, windows, progress=False)
+    assert b.nll == pytest.approx(a.nll, rel=0.01)
+    with torch.no_grad():
+        assert bf16(windows).logits.dtype == torch.bfloat16
+
+
+def test_fp16_model_is_refused_on_cpu(tiny_model_dir):
+    from ptq.errors import OptionsError
+
+    with pytest.raises(OptionsError, match="bf16"):
+        load_model(str(tiny_model_dir), dtype="fp16")

@@ -156,26 +156,26 @@ def test_calibrating_method_without_data_and_empty_selection_are_refused():
 
 # --- compute dtype (bf16) and offloaded activations -------------------------------------------
 
-def _bf16_recorder():
-    """A method that keeps W unchanged and records (W, stats) per call, in call order."""
+RECORDED: list = []  # (W, stats) of every call of the recording method below, in call order
+
+
+def _recording_method() -> str:
+    """A method that leaves W unchanged and appends what it receives to RECORDED."""
     from dataclasses import dataclass
 
     @dataclass(frozen=True)
     class NoOptions:
         pass
 
-    name = "test-records-bf16"
+    name = "test-records-w-and-stats"
     if name not in ptq.METHODS:
-        calls: list = []
-
         @ptq.register_method(name, options=NoOptions, needs_hessian=True, needs_inputs=True)
         def records(W, stats, spec, options):
-            ptq.METHODS[name].fn.calls.append((W.clone(), stats))
+            RECORDED.append((W.clone(), stats))
             return ptq.QuantResult(W.clone())
 
-        records.calls = calls
-    ptq.METHODS[name].fn.calls.clear()
-    return name, ptq.METHODS[name].fn.calls
+    RECORDED.clear()
+    return name
 
 
 def test_bf16_model_hessians_are_float32_sums_of_its_bf16_activations():
@@ -193,11 +193,11 @@ def test_bf16_model_hessians_are_float32_sums_of_its_bf16_activations():
     for h in handles:
         h.remove()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    method, calls = _bf16_recorder()
+    method = _recording_method()
     res = ptq.quantize_model(model, "int4", method, calib=calib, batch_size=3, propagate="fp",
                              progress=False)
-    assert len(calls) == len(res.layers) == len(acts)
-    for r, (W, stats) in zip(res.layers, calls):
+    assert len(RECORDED) == len(res.layers) == len(acts)
+    for r, (W, stats) in zip(res.layers, RECORDED):
         assert W.dtype == torch.float32  # the method gets W upcast...
         assert torch.equal(W.to(torch.bfloat16), linear_weight(model.get_submodule(r.name)))
         X = torch.cat(acts[r.name])
@@ -222,8 +222,8 @@ def test_gptq_on_a_bf16_model_matches_the_fp32_run():
         0, 256, (16, 32), generator=g)
     fp = tiny_model("llama", seed=0)
     ref = reference_logprobs(fp, windows, progress=False)
-    fp32, bf16, rtn = tiny_model("llama", seed=0), tiny_model("llama", seed=0, dtype=torch.bfloat16), \
-        tiny_model("llama", seed=0)
+    fp32, rtn = tiny_model("llama", seed=0), tiny_model("llama", seed=0)
+    bf16 = tiny_model("llama", seed=0, dtype=torch.bfloat16)
     W0 = {n: linear_weight(m).detach().float() for n, m in ptq.quantizable_linears(bf16)}
     ptq.quantize_model(fp32, "int3-g32", "gptq", calib=calib, progress=False)
     res = ptq.quantize_model(bf16, "int3-g32", "gptq", calib=calib, progress=False)

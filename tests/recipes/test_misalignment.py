@@ -42,7 +42,9 @@ def test_recipe_end_to_end_schema_correlations_and_resume(tmp_path, tiny3, text_
     monkeypatch.setitem(METHODS, "myrtn", Method("myrtn", METHODS["rtn"].fn,
                                                  METHODS["rtn"].options))
     out = tmp_path / "mis"
-    argv = _argv(tiny3, text_file, out, "--methods", "rtn", "gptq", "qaft", "myrtn", "--no-tune")
+    argv = _argv(tiny3, text_file, out, "--methods", "rtn", "gptq", "qaft", "myrtn", "--no-tune",
+                 "--gptq-variants", "act_order=false", "--landscape-t", "0.25", "0.5", "1.0",
+                 "1.5")
     misalignment.main(argv)
     state = json.loads((out / "results.json").read_text())
     assert state["schema"] == "qalign.misalignment/2"
