@@ -165,15 +165,24 @@ class Study:
         return probe(model, self.probe_windows, self.fp_weights, self.hessians, grad=grad,
                      batch_size=self.cfg.batch_size)
 
+    def _compute(self, model):
+        """A float32 model being fine-tuned is measured in the study's dtype (autocast), as the
+        solutions are; a model already in that dtype runs as it is."""
+        fp32 = next(model.parameters()).dtype == torch.float32
+        enabled = fp32 and self.dtype != torch.float32
+        return torch.autocast(torch.device(self.device).type, dtype=self.dtype, enabled=enabled)
+
     def checkpoint(self, model) -> dict:
         """The probe summary recorded along QAFT / GPTQ runs."""
-        p = self.probe(model)
+        with self._compute(model):
+            p = self.probe(model)
         return {k: p[k] for k in ("nll", "local_fp_mean", "local_prop_mean", "distance")}
 
     def validation_nll(self, model, seed: int) -> float:
         """Mean NLL on the seed's validation slice: what tuning and early stopping choose by."""
-        return evaluate_nll(model, self.val[seed], batch_size=self.cfg.batch_size,
-                            progress=False).nll
+        with self._compute(model):
+            return evaluate_nll(model, self.val[seed], batch_size=self.cfg.batch_size,
+                                progress=False).nll
 
 
 def _train_layers_only(model, names: list[str]) -> None:

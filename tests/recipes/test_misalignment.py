@@ -68,7 +68,9 @@ def test_recipe_end_to_end_schema_correlations_and_resume(tmp_path, tiny3, text_
         runs["fp-ft"]["budget"]["tokens_processed"] == 2 * unique
     # QAFT starts at RTN; the user's method equals RTN; GPTQ lowers the local loss
     start = runs["qaft/int2-g16"]["trajectory"][0]
-    assert start["nll"] == pytest.approx(runs["rtn/int2-g16"]["metrics"]["probe_nll"])
+    # (the start is measured on QAFT's float32 weights in the study's dtype, the RTN solution on
+    # a model held in that dtype: equal up to bfloat16 rounding when the dtype is bfloat16)
+    assert start["nll"] == pytest.approx(runs["rtn/int2-g16"]["metrics"]["probe_nll"], rel=2e-3)
     assert runs["myrtn/int2-g16"]["metrics"]["nll"] == runs["rtn/int2-g16"]["metrics"]["nll"]
     for b in (2, 4):
         assert runs[f"gptq/int{b}-g16"]["metrics"]["local_fp_mean"] < \
