@@ -147,7 +147,7 @@ PRESETS = {
               "trajectory_every": 10, "sensitivity_stride": 10,
               "landscape_t": (0.5, 1.0, 1.5)},
     # the README's untuned comparison of earlier versions: pinned hyperparameters, one QAFT arm
-    "untuned": {"tune": False, "keep_best": False, "clip_dynamic": True,
+    "untuned": {"tune": False, "keep_best": False, "clip_dynamic": True, "dtype": "float32",
                 "methods": ("rtn", "gptq", "qaft")},
     # the papers' budget (128 x 2048 tokens), for a GPU
     "paper": {"samples": 128, "seq_len": 2048, "epochs": 1, "eval_seq_len": 2048,
