@@ -262,15 +262,38 @@ def main() -> None:
         run_eval_speed(args)
         return
 
+    from compare.io import write_json
+    from recipes.common import versions
+
     tokens = prepare(args)
-    rows = [child(args, tokens, d, args.samples, evaluate=True) for d in args.dtypes]
+    rows: list[dict] = []
+    skipped: list[dict] = []
+    speed = None
+
+    def save(complete: bool) -> None:  # after every row, so a killed run keeps what it measured
+        write_json(args.out / args.results, {
+            "command": "python -m benchmarks.gptq_dtype " + " ".join(sys.argv[1:]),
+            "args": {k: str(v) for k, v in vars(args).items() if k in
+                     ("samples", "seq_len", "max_tokens", "dtypes", "growth", "offload",
+                      "budget_s", "speed_rounds", "speed_windows")},
+            "spec": SPEC, "versions": versions(), "cpu_count": os.cpu_count(),
+            "total_seconds": time.perf_counter() - T_START, "complete": complete,
+            "rows": rows, "skipped": skipped, "eval_speed": speed})
+
+    for d in args.dtypes:
+        rows.append(child(args, tokens, d, args.samples, evaluate=True))
+        save(False)
+    if args.speed_rounds:
+        speed = run_child([sys.executable, "-m", "benchmarks.gptq_dtype", "--eval-speed",
+                           "--tokens", str(tokens), "--speed-rounds", str(args.speed_rounds),
+                           "--speed-windows", str(args.speed_windows)])
+        save(False)
     done = {(r["dtype"], r["samples"]) for r in rows}
     # growth rows, smallest first; a row whose estimated time would pass --budget-s is skipped
     # (estimate: the bf16 comparison row's wall time, scaled by the budget, at least 1/4 of it)
     ref = next((r for r in rows if r["dtype"] == "bfloat16"), rows[-1] if rows else None)
     plan = [(n, False) for n in sorted(args.growth) if ("bfloat16", n) not in done]
     plan += [(max(args.growth), True)] if args.offload and args.growth else []
-    skipped = []
     for n, offload in plan:
         estimate = ref["wall_seconds"] * max(n / ref["samples"], 0.25) if ref else 0.0
         if args.budget_s and time.perf_counter() - T_START + estimate > args.budget_s:
@@ -283,24 +306,10 @@ def main() -> None:
                 rows.append(child(args, tokens, "bfloat16", n, evaluate=False, offload_dir=d))
         else:
             rows.append(child(args, tokens, "bfloat16", n, evaluate=False))
-    speed = None
-    if args.speed_rounds:
-        speed = run_child([sys.executable, "-m", "benchmarks.gptq_dtype", "--eval-speed",
-                           "--tokens", str(tokens), "--speed-rounds", str(args.speed_rounds),
-                           "--speed-windows", str(args.speed_windows)])
+        save(False)
     tokens.unlink()  # regenerated from the data on every run; not a result
-    from compare.io import write_json
-    from recipes.common import versions
-
+    save(True)
     table = tables(rows, speed)
-    write_json(args.out / args.results, {
-        "command": "python -m benchmarks.gptq_dtype " + " ".join(sys.argv[1:]),
-        "args": {k: str(v) for k, v in vars(args).items() if k in
-                 ("samples", "seq_len", "max_tokens", "dtypes", "growth", "offload",
-                  "budget_s", "speed_rounds", "speed_windows")},
-        "spec": SPEC, "versions": versions(), "cpu_count": os.cpu_count(),
-        "total_seconds": time.perf_counter() - T_START, "rows": rows, "skipped": skipped,
-        "eval_speed": speed})
     print(table)
     print(f"\ntotal {time.perf_counter() - T_START:.0f} s")
 
