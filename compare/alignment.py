@@ -21,7 +21,7 @@ from statistics import mean, median
 import torch
 
 __all__ = ["rank_correlation", "cosine", "first_crossing", "relative_norm", "runs_at",
-           "qaft_points", "summarize_alignment"]
+           "qaft_points", "ladder", "summarize_alignment"]
 
 
 def rank_correlation(local: list[float], glob: list[float]) -> dict:
@@ -102,8 +102,46 @@ def _by_method(runs: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-COMPARED = (("rtn", "gptq"), ("gptq", "qaft"), ("gptq", "qaft-mse"), ("gptq", "qaft-gptq"),
-            ("qaft", "qaft-gptq"), ("fp-ft", "qaft"), ("fp-ft", "qaft-gptq"), ("fp-ft", "gptq"))
+COMPARED = (("rtn", "gptq"), ("rtn", "hqq"), ("gptq", "block-ap"), ("gptq", "qaft"),
+            ("gptq", "qaft-mse"), ("gptq", "qaft-gptq"), ("block-ap", "qaft"),
+            ("block-ap", "qaft-gptq"), ("qaft", "qaft-gptq"), ("fp-ft", "qaft"),
+            ("fp-ft", "qaft-gptq"), ("fp-ft", "gptq"))
+LEVELS = ("layer", "block", "global")  # the locality ladder, most local first
+
+
+def _solutions(runs: list[dict], key: str) -> tuple[list, list]:
+    """(local, probe NLL) over the runs and the QAFT checkpoints between start and end; `key`
+    is the local loss: local_fp_mean (layer level) or block_fp_mean (block level)."""
+    local = [r["metrics"].get(key) for r in runs]
+    glob = [r["metrics"]["probe_nll"] for r in runs]
+    for r in runs:
+        if r["method"].startswith("qaft"):
+            local += [p.get(key) for p in qaft_points(r)]
+            glob += [p["nll"] for p in qaft_points(r)]
+    return local, glob
+
+
+def ladder(runs: list[dict], by: dict[str, list[dict]], seed: int) -> dict:
+    """The locality ladder at one width: each method's level (layer, block or global objective),
+    perplexity and its local losses at the layer and the block level (means over seeds); and,
+    across the same solutions, how well each level's local loss ranks the global loss."""
+    from .stats import seed_spread
+
+    rows = {}
+    for m, rs in by.items():
+        if rs[0]["bits"] is None or not rs[0].get("level"):
+            continue
+        rows[m] = {"level": rs[0]["level"],
+                   "perplexity": seed_spread([r["metrics"]["perplexity"] for r in rs]),
+                   "layer_local": mean(r["metrics"]["local_fp_mean"] for r in rs),
+                   "block_local": (mean(r["metrics"]["block_fp_mean"] for r in rs)
+                                   if all(r["metrics"].get("block_fp_mean") is not None
+                                          for r in rs) else None)}
+    order = sorted(rows, key=lambda m: (LEVELS.index(rows[m]["level"]),
+                                        rows[m]["perplexity"]["mean"]))
+    return {"methods": {m: rows[m] for m in order},
+            "layer_alignment": _correlation(*_solutions(runs, "local_fp_mean"), seed),
+            "block_alignment": _correlation(*_solutions(runs, "block_fp_mean"), seed)}
 
 
 def compare_methods(a_runs: list[dict], b_runs: list[dict], seed: int = 0) -> dict:
@@ -152,13 +190,8 @@ def summarize_alignment(state: dict) -> dict:
                                        [r["delta_nll"] for r in layers], seed),
              "per_layer_proxy": _correlation([r["proxy_loss"] for r in layers],
                                              [r["delta_nll"] for r in layers], seed)}
-        local = [r["metrics"]["local_fp_mean"] for r in runs]
-        glob = [r["metrics"]["probe_nll"] for r in runs]
-        for r in runs:
-            if r["method"].startswith("qaft"):
-                local += [p["local_fp_mean"] for p in qaft_points(r)]
-                glob += [p["nll"] for p in qaft_points(r)]
-        s["across_solutions"] = _correlation(local, glob, seed)
+        s["across_solutions"] = _correlation(*_solutions(runs, "local_fp_mean"), seed)
+        s["ladder"] = ladder(runs, by, seed)
         qaft = first["qaft"]["trajectory"] if "qaft" in first else []
         s["qaft_trajectory"] = _correlation([p["local_fp_mean"] for p in qaft],
                                             [p["nll"] for p in qaft], seed)

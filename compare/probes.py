@@ -7,6 +7,9 @@ measured against the FP weights W of the same layers (`fp_weights`, (out, in) te
     loss with FP inputs (from H_l) and with the inputs the model itself feeds the layer (propagated
     through the already quantized layers, measured by a forward hook); ||dW|| / ||W||; and, with
     grad=True, the cosine between d NLL / d W_hat and the local-loss gradient, per layer;
+  - `block_reference`, `block_errors`: each decoder block's local loss (ptq.metrics), the
+    solution's block k run on the FP model's block-k inputs against the FP block's outputs,
+    from hidden states cached once;
   - `one_layer_sensitivity`: the NLL increase when only one layer holds its quantized weight,
     run from the perturbed layer's decoder block onward on cached block inputs (the blocks
     before it compute what they always do);
@@ -27,16 +30,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ptq.arch import ArchError, decoder_blocks, get_arch
+from ptq.capture import capture_block_inputs
 from ptq.layers import linear_weight, set_linear_weight
 from ptq.hessian import HessianAccumulator
-from ptq.metrics import (output_error_sums, relative_output_error_from_hessian,
-                         relative_output_error_grad)
+from ptq.metrics import (block_error_sums, output_error_sums, ratio,
+                         relative_output_error_from_hessian, relative_output_error_grad)
 from qaft.fake_quant import FakeQuantLinear
 
 from .alignment import cosine, relative_norm
 from .evaluate import evaluate_nll, token_nll
 
-__all__ = ["solution_weights", "swapped_weights", "heldout_hessians", "probe",
+__all__ = ["solution_weights", "swapped_weights", "heldout_hessians", "probe", "BlockReference",
+           "block_reference", "block_errors",
            "one_layer_sensitivity", "nll_along", "random_direction", "random_radius"]
 
 
@@ -102,11 +107,14 @@ def heldout_hessians(model: nn.Module, windows: torch.Tensor, names: list[str], 
 
 
 def probe(model: nn.Module, windows: torch.Tensor, fp_weights: dict[str, torch.Tensor],
-          hessians: dict[str, torch.Tensor], *, grad: bool = False, batch_size: int = 2) -> dict:
+          hessians: dict[str, torch.Tensor], *, grad: bool = False, batch_size: int = 2,
+          blocks: BlockReference | None = None) -> dict:
     """Global and local losses of the model as it stands (module docstring).
 
     Returns {"nll", "local_fp_mean", "local_prop_mean", "distance", "layers": {name: {...}}};
-    the means are over layers; distance is relative_norm over all layers.
+    the means are over layers; distance is relative_norm over all layers. With `blocks` (the
+    FP model's `block_reference` on the same windows), also "block_fp_mean" and "blocks", the
+    per-block local losses (`block_errors`).
     """
     device = next(model.parameters()).device
     names = list(fp_weights)
@@ -169,10 +177,55 @@ def probe(model: nn.Module, windows: torch.Tensor, fp_weights: dict[str, torch.T
             row["grad_cosine"] = cosine(g, relative_output_error_grad(W[n], W_hat[n], hessians[n]))
             params[n].grad = None
         layers[n] = row
-    return {"nll": total / count,
-            "local_fp_mean": sum(r["rel_err_fp"] for r in layers.values()) / len(layers),
-            "local_prop_mean": sum(r["rel_err_prop"] for r in layers.values()) / len(layers),
-            "distance": relative_norm(dW, W), "layers": layers}
+    out = {"nll": total / count,
+           "local_fp_mean": sum(r["rel_err_fp"] for r in layers.values()) / len(layers),
+           "local_prop_mean": sum(r["rel_err_prop"] for r in layers.values()) / len(layers),
+           "distance": relative_norm(dW, W), "layers": layers}
+    if blocks is not None:
+        out["blocks"] = block_errors(model, blocks)
+        out["block_fp_mean"] = sum(out["blocks"]) / len(out["blocks"])
+    return out
+
+
+@dataclass
+class BlockReference:
+    """The FP model's hidden states around every decoder block on the probe windows:
+    hidden[k][i] enters block k on batch i (hidden[k + 1][i] is what the FP block k returns),
+    with the keyword arguments kwargs[k][i] the model's own forward gives it."""
+
+    hidden: list[list[torch.Tensor]]
+    kwargs: list[list[dict]]
+
+
+def _block_out(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+@torch.no_grad()
+def block_reference(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 2
+                    ) -> BlockReference:
+    """Run the FP `model` block by block on `windows` and keep every block's input and output
+    (n_blocks + 1 hidden states per token, in the model's dtype)."""
+    device = next(model.parameters()).device
+    captured = capture_block_inputs(model, windows, batch_size, device)
+    hidden = [list(captured.hidden)]
+    for k, block in enumerate(decoder_blocks(model)):
+        hidden.append([_block_out(block(x, **kw)) for x, kw in zip(hidden[k], captured.kwargs(k))])
+    return BlockReference(hidden, captured.block_kwargs)
+
+
+@torch.no_grad()
+def block_errors(model: nn.Module, ref: BlockReference) -> list[float]:
+    """Each block's relative output error (ptq.metrics.block_error_sums) of the model as it
+    stands, on the FP inputs of `ref`: the block-level local loss with FP inputs."""
+    out = []
+    for k, block in enumerate(decoder_blocks(model)):
+        num = den = 0.0
+        for x, y, kw in zip(ref.hidden[k], ref.hidden[k + 1], ref.kwargs[k]):
+            e, d = block_error_sums(x, y, _block_out(block(x, **kw)))
+            num, den = num + e, den + d
+        out.append(ratio(num, den))
+    return out
 
 
 def _nll(model, windows, batch_size) -> float:

@@ -4,7 +4,7 @@ One entry point quantizes a model with any registered method: `quantize_model`.
 """
 
 from . import checkpoint
-from .apply import LayerRecord, PTQResult, quantize_model
+from .apply import BlockRecord, LayerRecord, PTQResult, quantize_model
 from .arch import ARCHS, Arch, ArchError, decoder_blocks, register_arch
 from .capture import BlockInputs, capture_block_inputs
 from .checkpoint import load_quantized, save_quantized
@@ -18,14 +18,19 @@ from .layers import (FilterFn, in_decoder_blocks, is_linear, linear_weight, quan
 from .metrics import (layer_loss, output_energy, relative_output_error,
                       relative_output_error_from_hessian, relative_output_error_grad,
                       weight_relative_error)
-from .registry import (METHODS, LayerStats, Method, QuantResult, UnknownMethodError, get_method,
+from .registry import (METHODS, PLUGIN_ERRORS, BlockData, LayerStats, Method, QuantResult,
+                       UnknownMethodError, available_methods, get_method, register_block_method,
                        register_method)
 from .rtn import RTNOptions, rtn_quantize
+from .validate import MethodResultError, check_result
+from . import hqq  # registers "hqq"
 
 __all__ = [
-    "ARCHS", "Arch", "ArchError", "BlockInputs", "CheckpointError", "ClipSearch",
+    "ARCHS", "Arch", "ArchError", "BlockData", "BlockInputs", "BlockRecord", "MethodResultError",
+    "PLUGIN_ERRORS", "available_methods", "check_result", "register_block_method",
+    "CheckpointError", "ClipSearch",
     "ExportError", "NonFiniteError", "FilterFn", "GPTQOptions", "GPTQResult",
-    "HessianAccumulator", "LayerRecord", "LayerStats", "METHODS", "Method", "OptionsError",
+    "HessianAccumulator", "hqq", "LayerRecord", "LayerStats", "METHODS", "Method", "OptionsError",
     "PTQResult", "QParams", "QalignError", "QuantResult", "QuantSpec", "QuantizedTensor",
     "RTNOptions", "SpecError", "UnknownMethodError", "capture_block_inputs", "checkpoint",
     "compute_qparams",

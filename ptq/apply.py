@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,8 +26,9 @@ from .formats import QuantizedTensor, QuantSpec, parse_spec
 from .layers import FilterFn, linear_weight, select_linears, set_linear_weight
 from .metrics import weight_relative_error
 from .registry import get_method
+from .validate import check_result
 
-__all__ = ["LayerRecord", "PTQResult", "quantize_model"]
+__all__ = ["BlockRecord", "LayerRecord", "PTQResult", "quantize_model"]
 
 
 @dataclass
@@ -50,6 +52,22 @@ class LayerRecord:
 
 
 @dataclass
+class BlockRecord:
+    """The block-level local loss of one decoder block, on the calibration inputs it received:
+    ||Y_q - Y||^2 / ||Y - X||^2, the quantized block's output error against the FP block's
+    outputs Y, relative to what the FP block adds to its input X (the residual stream itself
+    would make every block look nearly exact)."""
+
+    block: int
+    rel_output_error: float
+    n_tokens: int
+    seconds: float = 0.0  # the block's calibration, quantization and error passes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class PTQResult:
     method: str
     spec: str
@@ -58,12 +76,14 @@ class PTQResult:
     quantized: dict[str, QuantizedTensor] = field(default_factory=dict)  # for save_quantized
     calibration_tokens: int = 0  # unique tokens of the budget (0 for a data-free run)
     seconds: float = 0.0
+    blocks: list[BlockRecord] = field(default_factory=list)  # empty for a data-free run
 
     def to_dict(self) -> dict:
         """JSON-ready summary (without the codes)."""
         return {"method": self.method, "spec": self.spec, "options": self.options,
                 "calibration_tokens": self.calibration_tokens, "seconds": self.seconds,
-                "layers": [r.to_dict() for r in self.layers]}
+                "layers": [r.to_dict() for r in self.layers],
+                "blocks": [b.to_dict() for b in self.blocks]}
 
 
 def _block_index(name: str, model: nn.Module) -> int | None:
@@ -78,14 +98,15 @@ def quantize_model(model: nn.Module, spec: QuantSpec | str, method: str = "rtn",
                    true_sequential: bool = False, propagate: str = "quantized",
                    batch_size: int = 8, device: str | torch.device | None = None,
                    progress: bool = True,
-                   on_block: Callable[[int, list[LayerRecord]], None] | None = None
-                   ) -> PTQResult:
+                   on_block: Callable[[int, list[LayerRecord]], None] | None = None,
+                   offload_dir: str | Path | None = None) -> PTQResult:
     """Quantize the selected linear layers of `model` in place with the method `method`.
 
     options: the method's options dataclass, a dict of its fields, or None for its defaults.
     calib: (n_samples, seq_len) token ids (e.g. `DataBudget.blocks`); required by methods that
-        calibrate. true_sequential, propagate, batch_size, device and on_block shape the
-        block-by-block run (`ptq.sequential.quantize_blocks`) and are refused without calib.
+        calibrate. true_sequential, propagate, batch_size, device, on_block and offload_dir
+        (keep the calibration activations on disk there) shape the block-by-block run
+        (`ptq.sequential.quantize_blocks`) and are refused without calib.
     filter_fn(module, name): which linear layers (default: every one in the decoder blocks).
     """
     t0 = time.perf_counter()
@@ -103,24 +124,28 @@ def quantize_model(model: nn.Module, spec: QuantSpec | str, method: str = "rtn",
         raise QalignError(f"method {method!r} calibrates on data: pass calib=(n_samples, "
                           "seq_len) token ids, e.g. DataBudget(128, 512).blocks(tokens)")
     if calib is None and (true_sequential or propagate != "quantized" or on_block is not None
-                          or device is not None):
-        raise QalignError("true_sequential, propagate, device and on_block shape a calibrated "
-                          f"run; method {method!r} got no calib, so they would be ignored")
+                          or device is not None or offload_dir is not None):
+        raise QalignError("true_sequential, propagate, device, on_block and offload_dir shape a "
+                          f"calibrated run; method {method!r} got no calib, so they would be "
+                          "ignored")
+    if true_sequential and m.kind == "block":
+        raise QalignError(f"true_sequential orders the layers inside a block; the block method "
+                          f"{method!r} quantizes each block at once: leave it off")
     if calib is not None:
         from .sequential import quantize_blocks
 
         _check_calib(model, calib)
 
-        records, quantized = quantize_blocks(
+        records, quantized, blocks = quantize_blocks(
             model, calib, spec, m, options, dict(layers), true_sequential=true_sequential,
             propagate=propagate, batch_size=batch_size, device=device, progress=progress,
-            on_block=on_block)
+            on_block=on_block, offload_dir=offload_dir)
         tokens = int(calib.numel())
     else:
         records, quantized = _quantize_layers(model, spec, m, options, layers, progress)
-        tokens = 0
+        tokens, blocks = 0, []
     return PTQResult(method, str(spec), asdict(options), records, quantized, tokens,
-                     time.perf_counter() - t0)
+                     time.perf_counter() - t0, blocks)
 
 
 def _check_calib(model: nn.Module, calib) -> None:
@@ -148,8 +173,7 @@ def _quantize_layers(model, spec, m, options, layers, progress):
         t0 = time.perf_counter()
         W = linear_weight(module)
         res = m.fn(W, None, spec, options)
-        if res.quantized is not None:
-            quantized[name] = res.quantized
+        quantized[name] = check_result(m.name, name, W, res, spec)
         err = weight_relative_error(W, res.weight)
         set_linear_weight(module, res.weight)
         records.append(LayerRecord(name, _block_index(name, model), tuple(W.shape), m.name,

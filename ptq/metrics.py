@@ -7,6 +7,12 @@ computed from a Hessian without keeping X. Its gradient with respect to the solu
 the direction a layer-wise PTQ method descends. Every module that reports a local loss (the PTQ
 driver, QAFT's training record, the probes of `compare`) calls these functions; W is always the
 FP weight.
+
+The local loss of a decoder block, one level less local, is its relative output error
+    ||B_hat(X) - B(X)||^2 / ||B(X) - X||^2
+on the same inputs X: the quantized block's output against the FP block's, relative to what the
+FP block adds to the residual stream X (relative to the stream itself every block would look
+nearly exact). `block_error_sums` gives the two sums, to accumulate over batches.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 
 __all__ = ["layer_loss", "output_energy", "relative_output_error",
            "relative_output_error_from_hessian", "relative_output_error_grad",
-           "output_error_sums", "weight_relative_error"]
+           "output_error_sums", "block_error_sums", "ratio", "weight_relative_error"]
 
 
 def layer_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
@@ -71,6 +77,23 @@ def output_error_sums(X: torch.Tensor, W: torch.Tensor, *, dW: torch.Tensor | No
     else:
         raise TypeError("output_error_sums needs dW or Y_hat")
     return float(diff.pow(2).sum(dtype=torch.float64)), float(y.pow(2).sum(dtype=torch.float64))
+
+
+@torch.no_grad()
+def block_error_sums(X: torch.Tensor, Y: torch.Tensor, Y_hat: torch.Tensor
+                     ) -> tuple[float, float]:
+    """(||Y_hat - Y||^2, ||Y - X||^2) as float64 sums of float32 differences, for a block's
+    relative output error (module docstring): X its input, Y the FP block's output, Y_hat the
+    quantized block's, all (..., hidden)."""
+    Y = Y.detach().float()
+    num = (Y_hat.detach().float() - Y).pow(2).sum(dtype=torch.float64)
+    den = (Y - X.detach().float()).pow(2).sum(dtype=torch.float64)
+    return float(num), float(den)
+
+
+def ratio(num: float, den: float) -> float:
+    """num / den of accumulated error sums: 0 for 0 / 0, inf for x / 0."""
+    return num / den if den > 0 else (float("inf") if num > 0 else 0.0)
 
 
 def weight_relative_error(W: torch.Tensor, W_hat: torch.Tensor) -> float:

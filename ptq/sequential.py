@@ -6,11 +6,15 @@
 2. For each block in turn, on the compute device: forward hooks on its selected linear layers
    accumulate each layer's Hessian H = 2/n X^T X over all batches (one Hessian for layers that
    read the same input, like q/k/v or gate/up), and keep X itself for methods that ask for it;
-   each layer is quantized by the method; the block is run again to produce the next block's
-   inputs (from the quantized block by default, or from the FP block with propagate="fp", which
-   needs no second pass). With `true_sequential`, layers that read the same input form a group,
-   and each later group's Hessian is taken with the earlier groups already quantized.
-Only the block being quantized (plus its inputs) needs to be on the compute device.
+   the same pass keeps the FP block's outputs Y. Each layer is quantized by the method (a block
+   method gets the whole block, its inputs and Y at once); every result is checked
+   (`ptq.validate`) before it is written. The quantized block is run again: its output error
+   against Y is the block-level local loss (`BlockRecord`), and its outputs are the next block's
+   inputs (propagate="quantized", the default), or Y is (propagate="fp"). With
+   `true_sequential`, layers that read the same input form a group, and each later group's
+   Hessian is taken with the earlier groups already quantized.
+Only the block being quantized (plus its inputs and Y) needs to be on the compute device; the
+activations of the budget are held twice (inputs and Y), on disk with `offload_dir`.
 
 Dtypes: the blocks run in the model's own dtype, and the captured activations are kept in it
 (bfloat16 halves them); with `offload_dir` they live on disk, one file per batch, and memory holds
@@ -36,15 +40,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .apply import LayerRecord
+from .apply import BlockRecord, LayerRecord
 from .arch import block_prefix, decoder_blocks
 from .capture import DiskActivations, capture_block_inputs
 from .errors import QalignError
 from .formats import QuantizedTensor, QuantSpec
 from .hessian import HessianAccumulator
 from .layers import linear_weight, set_linear_weight
-from .metrics import layer_loss, relative_output_error_from_hessian, weight_relative_error
-from .registry import LayerStats, Method
+from .metrics import (block_error_sums, layer_loss, ratio, relative_output_error_from_hessian,
+                      weight_relative_error)
+from .registry import BlockData, LayerStats, Method
+from .validate import MethodResultError, check_result
 
 __all__ = ["quantize_blocks"]
 
@@ -111,6 +117,42 @@ class _Statistics:
         return LayerStats(H=self.hessian.H, X=X, n_tokens=self.hessian.n_tokens)
 
 
+def _collect(block: nn.Module, own: dict[str, nn.Module], groups: list[list[str]], inputs,
+             kwargs_list: list[dict], out, device, keep_inputs: bool) -> dict[str, _Statistics]:
+    """One pass of the block over every batch with hooks on the first layer of each input group
+    (layers reading the same input share one Hessian); outputs go to `out` (None: dropped)."""
+    stats, handles = {}, []
+    for group in groups:
+        s = _Statistics(linear_weight(own[group[0]]).shape[1], device, keep_inputs)
+        stats.update({n: s for n in group})
+        handles.append(own[group[0]].register_forward_hook(
+            lambda mod, args, out, s=s: s.update(args[0])))
+    try:
+        _run_block(block, inputs, kwargs_list, out)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _block_error(block: nn.Module, inputs, kwargs_list: list[dict], fp_out, write: bool
+                 ) -> tuple[float, int]:
+    """Run the quantized block; its relative output error against the FP outputs on the same
+    inputs (ptq.metrics.block_error_sums) and the tokens. With `write`, each quantized output
+    replaces its input (propagate="quantized")."""
+    num = den = 0.0
+    tokens = 0
+    for i, kw in enumerate(kwargs_list):
+        x = inputs[i]
+        y = block(x, **kw)
+        y = y[0] if isinstance(y, tuple) else y
+        e, d = block_error_sums(x, fp_out[i], y)
+        num, den, tokens = num + e, den + d, tokens + x.shape[0] * x.shape[1]
+        if write:
+            inputs[i] = y
+    return ratio(num, den), tokens
+
+
 @torch.no_grad()
 def quantize_blocks(model: nn.Module, calib: torch.Tensor, spec: QuantSpec, method: Method,
                     options, layers: dict[str, nn.Module], *, true_sequential: bool = False,
@@ -118,11 +160,12 @@ def quantize_blocks(model: nn.Module, calib: torch.Tensor, spec: QuantSpec, meth
                     device: str | torch.device | None = None, progress: bool = True,
                     on_block: Callable[[int, list[LayerRecord]], None] | None = None,
                     offload_dir: str | Path | None = None
-                    ) -> tuple[list[LayerRecord], dict[str, QuantizedTensor]]:
+                    ) -> tuple[list[LayerRecord], dict[str, QuantizedTensor], list[BlockRecord]]:
     """Quantize `layers` ({name: module}, already checked against the spec) in place, block by
-    block (module docstring). on_block(k, records): called after block k is quantized and back on
-    the model's device, when blocks 0..k hold their quantized weights and the later ones are
-    still FP (for trajectories of the global loss along the calibration).
+    block (module docstring); returns the layer records, the codes and one record per block with
+    its output error. on_block(k, records): called after block k is quantized and back on the
+    model's device, when blocks 0..k hold their quantized weights and the later ones are still
+    FP (for trajectories of the global loss along the calibration).
     offload_dir: keep the block inputs on disk, in a temporary folder made inside this one and
     removed when the run ends (also on error), instead of in memory."""
     blocks = decoder_blocks(model)
@@ -144,74 +187,116 @@ def quantize_blocks(model: nn.Module, calib: torch.Tensor, spec: QuantSpec, meth
                                         offload_dir=None if root is None else root / "input")
         inputs = captured.hidden
         records: list[LayerRecord] = []
+        block_records: list[BlockRecord] = []
         quantized: dict[str, QuantizedTensor] = {}
         bar = tqdm(range(len(blocks)), desc=f"{method.name} {spec}", disable=not progress)
         for k in bar:
+            t0 = time.perf_counter()
             kwargs_list = captured.kwargs(k)
             block = blocks[k].to(device)
             own = {n: mod for n, mod in layers.items() if n.startswith(f"{prefix}.{k}.")}
             groups = _input_groups(block, own, inputs, kwargs_list) if own else []
-            # one calibration pass for the whole block, or one per input group (true-sequential)
-            stages = [[g] for g in groups] if true_sequential else [groups]
-            outputs = None
-            for si, stage in enumerate(stages):
-                stats, handles = {}, []
-                for group in stage:  # layers reading the same input share one Hessian
-                    s = _Statistics(linear_weight(own[group[0]]).shape[1], device,
-                                    method.needs_inputs)
-                    stats.update({n: s for n in group})
-                    handles.append(own[group[0]].register_forward_hook(
-                        lambda mod, args, out, s=s: s.update(args[0])))
-                if si == 0 and propagate == "fp":  # the FP block's outputs feed the next block
-                    outputs = _new_store(inputs, root, k)
-                elif not stage:
-                    continue  # no layer to calibrate in this block: nothing to collect
-                try:
-                    _run_block(block, inputs, kwargs_list, outputs if si == 0 else None)
-                finally:
-                    for h in handles:
-                        h.remove()
-                for n in (n for group in stage for n in group):
-                    records.append(_quantize_layer(n, k, own[n], stats[n], spec, method, options,
-                                                   quantized))
+            fp_out = _new_store(inputs, root, k)  # the FP block's outputs: targets and next inputs
+            if method.kind == "block":
+                stats = _collect(block, own, groups, inputs, kwargs_list, fp_out, device, False)
+                if own:
+                    data = BlockData(k, f"{prefix}.{k}", own, inputs, kwargs_list, fp_out,
+                                     {n: stats[n].layer_stats() for n in own})
+                    records += _quantize_block(block, data, spec, method, options, quantized)
                 del stats
-            if outputs is None:
-                _run_block(block, inputs, kwargs_list, out=inputs)
-                outputs = inputs
-            elif isinstance(inputs, DiskActivations):
-                inputs.remove()  # block k's inputs are spent
-            inputs = outputs
+            else:
+                # one calibration pass for the whole block, or one per input group
+                stages = [[g] for g in groups] if true_sequential else [groups]
+                for si, stage in enumerate(stages):
+                    stats = _collect(block, own, stage, inputs, kwargs_list,
+                                     fp_out if si == 0 else None, device, method.needs_inputs)
+                    for n in (n for group in stage for n in group):
+                        records.append(_quantize_layer(n, k, own[n], stats[n], spec, method,
+                                                       options, quantized))
+                    del stats
+            if own:
+                err, tokens = _block_error(block, inputs, kwargs_list, fp_out,
+                                           write=propagate == "quantized")
+                block_records.append(BlockRecord(k, err, tokens, time.perf_counter() - t0))
+            if propagate == "quantized" and own:
+                if isinstance(fp_out, DiskActivations):
+                    fp_out.remove()
+            else:  # the FP outputs feed the next block (unchanged when it has no layer)
+                if isinstance(inputs, DiskActivations):
+                    inputs.remove()  # block k's inputs are spent
+                inputs = fp_out
+            del fp_out
             if device != home:
                 blocks[k].to(home)
             if on_block is not None:
                 on_block(k, records)
             worst = max((r.rel_output_error for r in records if r.block == k), default=0.0)
             bar.set_postfix(block=k, max_rel_err=f"{worst:.3g}")
-        return records, quantized
+        return records, quantized, block_records
+
+
+def _upcast(W_model: torch.Tensor) -> torch.Tensor:
+    return W_model.float() if W_model.dtype in _UPCAST else W_model
 
 
 def _quantize_layer(name: str, k: int, module: nn.Module, stats: _Statistics, spec: QuantSpec,
                     method: Method, options, quantized: dict) -> LayerRecord:
-    """Quantize one layer in place from its statistics; its record. A 16-bit weight goes to the
-    method as float32 and comes back rounded to the model's dtype (module docstring)."""
+    """Quantize one layer in place from its statistics; its record."""
     t0 = time.perf_counter()
     W_model = linear_weight(module).detach()
-    W = W_model.float() if W_model.dtype in _UPCAST else W_model
     layer_stats = stats.layer_stats()
-    H = layer_stats.H
-    res = method.fn(W, layer_stats, spec, options)
-    Wq, qt, loss = res.weight, res.quantized, res.loss
+    res = method.fn(_upcast(W_model), layer_stats, spec, options)
+    return _commit(name, k, module, W_model, layer_stats, res, spec, method, quantized,
+                   time.perf_counter() - t0)
+
+
+def _quantize_block(block: nn.Module, data: BlockData, spec: QuantSpec, method: Method, options,
+                    quantized: dict) -> list[LayerRecord]:
+    """Run a block method on one block; check what it returned and what it left behind, then
+    write its weights. The records share the method's time equally among the layers."""
+    t0 = time.perf_counter()
+    fp_weights = {n: linear_weight(m).detach().clone() for n, m in data.layers.items()}
+    own = {linear_weight(m).data_ptr() for m in data.layers.values()}
+    others = {n: p.detach().clone() for n, p in block.named_parameters() if p.data_ptr() not in own}
+    results = method.fn(block, data, spec, options)
+    where = f"block method {method.name!r} on block {data.index}"
+    if not isinstance(results, dict) or set(results) != set(data.layers):
+        got = sorted(results) if isinstance(results, dict) else type(results).__name__
+        raise MethodResultError(f"{where} returned {got}; return {{name: QuantResult}} for "
+                                f"exactly the block's layers {sorted(data.layers)}")
+    for n, m in data.layers.items():
+        if block.get_submodule(data.relative(n)) is not m:
+            raise MethodResultError(f"{where} left {n} swapped for another module; put the "
+                                    "original layers back before returning")
+    params = dict(block.named_parameters())
+    changed = [n for n, v in others.items() if n not in params or not torch.equal(params[n], v)]
+    if changed:
+        raise MethodResultError(f"{where} changed {changed[:3]}, which are not the weights of "
+                                "its layers; a block method may change only those")
+    share = (time.perf_counter() - t0) / len(data.layers)
+    return [_commit(n, data.index, m, fp_weights[n], data.stats[n], results[n], spec, method,
+                    quantized, share) for n, m in data.layers.items()]
+
+
+def _commit(name: str, k: int, module: nn.Module, W_model: torch.Tensor, layer_stats: LayerStats,
+            res, spec: QuantSpec, method: Method, quantized: dict, seconds: float
+            ) -> LayerRecord:
+    """Check a method's result for one layer (ptq.validate), write it and record it. A 16-bit
+    weight went to the method as float32 and comes back rounded to the model's dtype (module
+    docstring)."""
+    W = _upcast(W_model)
+    qt = check_result(method.name, name, W, res, spec)
+    Wq, loss = res.weight, res.loss
     if W is not W_model:
         # what the model will hold; its codes dequantize to exactly that weight
         Wq = res.weight.to(W_model.dtype).float()
-        qt = replace(qt, dtype=W_model.dtype) if qt is not None else None
+        qt = replace(qt, dtype=W_model.dtype)
         loss = None
+    H = layer_stats.H
     loss = loss if loss is not None else layer_loss(W, Wq, H)
     rel = relative_output_error_from_hessian(W, Wq, H, loss)
     err = weight_relative_error(W, Wq)
     set_linear_weight(module, Wq)
-    if qt is not None:
-        quantized[name] = qt
+    quantized[name] = qt
     return LayerRecord(name, k, tuple(W.shape), method.name, str(spec), err, loss, rel,
-                       getattr(res, "damp", None), layer_stats.n_tokens,
-                       time.perf_counter() - t0)
+                       getattr(res, "damp", None), layer_stats.n_tokens, seconds)

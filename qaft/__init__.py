@@ -5,7 +5,8 @@ mode: `finetune_qaft`, `finetune_lora`, `finetune_fp` (qaft.finetuning); the loo
 `qaft.train.finetune`.
 """
 
-from . import distill, lora, train
+from . import block_ap, distill, lora, train  # block_ap registers the block method "block-ap"
+from .block_ap import BlockAPOptions
 from .fake_quant import (INITS, SCALE_MODES, FakeQuantLinear, QAFTConfig, convert,
                          fake_quant_layers, prepare)
 from .finetuning import (QAFT_SEARCH_SPACE, FinetuneResult, finetune_fp, finetune_lora,
@@ -13,8 +14,8 @@ from .finetuning import (QAFT_SEARCH_SPACE, FinetuneResult, finetune_fp, finetun
 from .lora import LoraOptions, merge_and_requantize, prepare_lora
 from .train import TrainConfig, TrainResult, finetune
 
-__all__ = ["FakeQuantLinear", "FinetuneResult", "INITS", "LoraOptions", "QAFTConfig",
-           "QAFT_SEARCH_SPACE", "SCALE_MODES", "TrainConfig", "TrainResult", "convert",
-           "distill", "fake_quant_layers", "finetune", "finetune_fp", "finetune_lora",
-           "finetune_qaft", "lora", "merge_and_requantize", "prepare", "prepare_lora", "train",
-           "trial_configs"]
+__all__ = ["BlockAPOptions", "FakeQuantLinear", "FinetuneResult", "INITS", "LoraOptions",
+           "QAFTConfig", "QAFT_SEARCH_SPACE", "SCALE_MODES", "TrainConfig", "TrainResult",
+           "block_ap", "convert", "distill", "fake_quant_layers", "finetune", "finetune_fp",
+           "finetune_lora", "finetune_qaft", "lora", "merge_and_requantize", "prepare",
+           "prepare_lora", "train", "trial_configs"]

@@ -1,8 +1,9 @@
-"""The `qalign` command line: prepare, quantize, eval, finetune, recipe.
+"""The `qalign` command line: prepare, quantize, eval, finetune, methods, recipe.
 
     qalign prepare                      # embedded model and text, offline
     qalign quantize --spec int3-g64 --method gptq --out runs/gptq-int3
     qalign eval --model runs/gptq-int3
+    qalign methods                      # every registered PTQ method, plug-ins included
     qalign recipe misalignment --preset quick --out results/misalignment
 
 Every command validates its whole configuration (spec, options, output folder, device) before it
@@ -204,8 +205,58 @@ def cmd_finetune(args) -> None:
           f"{res.info['seconds']:.0f} s -> {out}")
 
 
+def method_table() -> dict:
+    """Every registered method (kind, whether it needs data, options and defaults, the package it
+    came from) and the plug-ins that failed to load, with their errors."""
+    import dataclasses
+
+    from ptq.registry import PLUGIN_ERRORS, available_methods
+
+    rows = []
+    for name, m in sorted(available_methods().items()):
+        options = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+                   for f in dataclasses.fields(m.options)}
+        rows.append({"name": name, "kind": m.kind, "needs_data": m.needs_data,
+                     "source": m.source, "options": options,
+                     "search_space": {k: list(v) for k, v in m.search_space.items()}})
+    return {"methods": rows, "failed_plugins": dict(sorted(PLUGIN_ERRORS.items()))}
+
+
+def cmd_methods(args) -> None:
+    table = method_table()
+    if args.json:
+        print(json.dumps(table, indent=1, default=str))
+        return
+    print(f"{'method':<14} {'kind':<6} {'data':<5} {'from':<18} options (defaults)")
+    for r in table["methods"]:
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
+        print(f"{r['name']:<14} {r['kind']:<6} {'yes' if r['needs_data'] else 'no':<5} "
+              f"{r['source']:<18} {opts}")
+    for name, why in table["failed_plugins"].items():
+        print(f"{name:<14} FAILED to load: {why}")
+
+
+def _plugin_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="import a .py file or a module that registers PTQ methods before "
+                        "anything else (repeatable); installed packages register through the "
+                        "qalign.methods entry points without it")
+
+
+def load_user_plugins(argv) -> None:
+    """Import the --plugin targets of argv, so that their methods (and their option flags) exist
+    when the parser is built."""
+    from ptq.registry import load_plugin
+
+    pre = argparse.ArgumentParser(add_help=False)
+    _plugin_arg(pre)
+    for target in pre.parse_known_args(argv)[0].plugin:
+        load_plugin(target)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qalign", description="Local vs global loss of quantized LMs.")
+    _plugin_arg(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("prepare", help="convert the embedded model and check the embedded text",
@@ -265,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output model folder")
     s.set_defaults(fn=cmd_finetune)
 
+    s = sub.add_parser("methods", help="list every registered PTQ method",
+                       description="Every registered PTQ method, built-in or from a plug-in "
+                                   "(entry-point group qalign.methods): its kind (layer or "
+                                   "block), whether it calibrates, its options with defaults, "
+                                   "and the package it came from; plug-ins that failed to load "
+                                   "are listed with their error.")
+    s.add_argument("--json", action="store_true", help="print the table as JSON")
+    s.set_defaults(fn=cmd_methods)
+
     s = sub.add_parser("recipe", help="run an experiment recipe",
                        description="Run a recipe; `qalign recipe NAME --help` lists its flags.")
     rsub = s.add_subparsers(dest="recipe", required=True)
@@ -286,6 +346,8 @@ def run_or_exit(fn, args):
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    run_or_exit(load_user_plugins, argv)
     args = build_parser().parse_args(argv)
     run_or_exit(args.fn, args)
 

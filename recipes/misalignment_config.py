@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ptq.formats import parse_spec
 from ptq.gptq import GPTQOptions
-from ptq.registry import METHODS
+from ptq.registry import available_methods
 from recipes.common import ConfigError
 from recipes.flags import add_dataclass_flags, coerce, field_types
 
@@ -93,7 +93,7 @@ class MisalignmentConfig:
             raise ConfigError(f"bits={list(self.bits)}: give integer widths from 2 to 8")
         for b in self.bits:
             parse_spec(f"int{b}-{self.granularity}")
-        known = set(METHODS) | set(QAFT_ARMS)
+        known = set(available_methods()) | set(QAFT_ARMS)
         unknown = [m for m in self.methods if m not in known]
         if unknown or not self.methods:
             raise ConfigError(f"methods={list(self.methods)}: unknown {unknown}; known: "

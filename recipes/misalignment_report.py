@@ -16,9 +16,9 @@ from compare.plots import new_figure, save_figure
 
 __all__ = ["SCHEMA", "SCHEMA_DOC", "write_outputs"]
 
-SCHEMA = "qalign.misalignment/2"
+SCHEMA = "qalign.misalignment/3"
 
-SCHEMA_DOC = """results.json (schema "qalign.misalignment/2"):
+SCHEMA_DOC = """results.json (schema "qalign.misalignment/3"):
   config          the MisalignmentConfig (recipes.misalignment_config), every field
   versions        python, torch, transformers, accelerate, peft, qalign, cpu threads
   budget          n_samples, seq_len, seed (the first), seeds, unique_tokens, val_samples: the
@@ -28,12 +28,14 @@ SCHEMA_DOC = """results.json (schema "qalign.misalignment/2"):
   fp_probe_nll    FP model's mean NLL on the probe windows (nats/token)
   runs            {id: run}, id "METHOD/SPEC", "gptq[VARIANT]/SPEC", "fp", "fp-ft", with
                   "@SEED" appended when the study has several seeds; a run is
-    method, variant, bits (null for fp/fp-ft), spec, seed
+    method, level ("layer", "block" or "global": where the method's objective sits on the
+                  locality ladder; null for fp), variant, bits (null for fp/fp-ft), spec, seed
     metrics       nll, perplexity, kl (KL(FP || run), nats/token), scored_tokens, window_nll
                   (per held-out window, for paired comparisons); probe_nll, local_fp_mean /
                   local_prop_mean (mean over layers of the relative output error with FP /
-                  propagated inputs), distance (||W_hat - W|| / ||W||), val_nll (validation
-                  slice; null without tuning)
+                  propagated inputs), block_fp_mean (mean over decoder blocks of the block's
+                  relative output error on FP inputs, ptq.metrics), distance (||W_hat - W|| /
+                  ||W||), val_nll (validation slice; null without tuning)
     chosen        the options the winning trial overrode ({} = pinned values)
     trials        every trial: {trial, options, val_nll, seconds, tokens_processed, best_step}
     budget        unique_tokens, tokens_processed, steps
@@ -44,6 +46,7 @@ SCHEMA_DOC = """results.json (schema "qalign.misalignment/2"):
                   start), of the chosen trial
     layers        per layer {name, block, kind, rel_err_fp, rel_err_prop, distance,
                   grad_cosine (main solutions), proxy_loss and calib_rel_err (GPTQ-style)}
+    blocks        per decoder block: its relative output error on FP inputs
     landscape     main PTQ/QAFT solutions: {t, nll_solution, nll_random, radius_solution,
                   radius_random_same_norm} (probe NLL at W + t D; radii relative to ||W||)
   sensitivity     {bits: {spec, method "rtn", seconds, layers [{name, block, kind, rel_err_fp,
@@ -55,6 +58,9 @@ SCHEMA_DOC = """results.json (schema "qalign.misalignment/2"):
                   checkpoints), qaft_trajectory, gptq_trajectory (per probed block: increase
                   of local_fp_mean vs increase of NLL): each {spearman, kendall, n,
                   spearman_ci / kendall_ci {low, high, fisher_low, fisher_high, significant}};
+                  ladder {methods {method: {level, perplexity (seed spread), layer_local,
+                  block_local}}, layer_alignment / block_alignment (local_fp_mean /
+                  block_fp_mean vs probe_nll across the same solutions, as across_solutions)};
                   grad_cosine {method: {mean, median}}; landscape {method: {distance,
                   radius_solution, radius_random_same_norm}}; perplexity {method: mean ppl};
                   methods {method: {perplexity, nll: {mean, min, max, std, low, high, n} over
@@ -66,7 +72,8 @@ Correlations are null where undefined (fewer than 3 points or a constant side)."
 
 MAIN = ("rtn", "gptq", "qaft", "qaft-gptq")
 COLORS = {"rtn": "tab:red", "gptq": "tab:blue", "qaft": "tab:green", "qaft-mse": "tab:cyan",
-          "qaft-gptq": "tab:olive", "fp-ft": "tab:gray"}
+          "qaft-gptq": "tab:olive", "fp-ft": "tab:gray", "block-ap": "tab:brown",
+          "hqq": "tab:pink"}
 QAFT_METHODS = ("qaft", "qaft-mse", "qaft-gptq")
 
 
@@ -160,6 +167,32 @@ def plot_solutions(state, path, summary):
                title=f"int{b}: across solutions rho {_fmt(c['spearman'])}, "
                      f"tau {_fmt(c['kendall'])}")
         ax.title.set_fontsize(9)
+    save_figure(fig, path)
+
+
+def plot_ladder(state, path, summary):
+    """Per width: each solution's block-level local loss against its probe NLL (QAFT's
+    checkpoints joined by a line), marker by level; the title gives both levels' alignment."""
+    markers = {"layer": "o", "block": "s", "global": "^"}
+    fig, panels = _panels(state, 3.6)
+    for ax, b in panels:
+        for r in runs_at(state, b):
+            m = r["metrics"]
+            if r["variant"] or m.get("block_fp_mean") is None:
+                continue
+            color = COLORS.get(r["method"], "tab:purple")
+            ax.scatter(m["block_fp_mean"], m["probe_nll"], color=color, zorder=3,
+                       marker=markers.get(r.get("level"), "o"), label=r["method"])
+            if r["method"] in QAFT_METHODS:
+                traj = [p for p in r["trajectory"] if p.get("block_fp_mean") is not None]
+                ax.plot([p["block_fp_mean"] for p in traj], [p["nll"] for p in traj],
+                        color=color, lw=1, marker=".", alpha=0.7)
+        lad = summary[str(b)]["ladder"]
+        ax.set(xscale="log", xlabel="mean block-level local loss (FP inputs)", ylabel="probe NLL",
+               title=f"int{b}: rho layer {_fmt(lad['layer_alignment']['spearman'])}, "
+                     f"block {_fmt(lad['block_alignment']['spearman'])}")
+        ax.title.set_fontsize(9)
+    panels[0][0].legend(fontsize=7)
     save_figure(fig, path)
 
 
@@ -316,7 +349,9 @@ PLOTS = {"nll_vs_bits.png": "held-out perplexity against bits, per method",
          "pareto.png": "per width: probe NLL against tokens processed (QAFT curves over its "
                        "checkpoints, its chosen checkpoint starred; RTN and GPTQ points; the FP "
                        "control dotted)",
-         "pareto_summary.png": "all widths: final probe NLL against tokens processed"}
+         "pareto_summary.png": "all widths: final probe NLL against tokens processed",
+         "ladder.png": "locality ladder: block-level local loss against probe NLL (circles: "
+                       "layer methods, squares: block methods, triangles: fine-tuning)"}
 
 
 def _ci(c: dict, key: str) -> str:
@@ -421,6 +456,24 @@ def report(state: dict, summary: dict) -> str:
                  for k in ("per_layer", "per_layer_proxy", "across_solutions",
                            "qaft_trajectory", "gptq_trajectory")]
         lines.append(f"| {b} | " + " | ".join(cells) + f" | {cos} |")
+    lines += ["", "## Locality ladder (layer-local, block-local, global objectives)", "",
+              "Local losses on the probe windows with FP inputs: the layer level is the mean "
+              "relative output error over layers, the block level the mean over decoder blocks "
+              "of ||B_hat(X) - B(X)||² / ||B(X) - X||²; alignment is each level's Spearman rho "
+              "with the probe NLL across the same solutions (runs and QAFT checkpoints).", "",
+              "| bits | method | level | perplexity | layer-local | block-local |",
+              "|---|---|---|---|---|---|"]
+    for b, s in summary.items():
+        for m, row in s["ladder"]["methods"].items():
+            lines.append(f"| {b} | {m} | {row['level']} | {_ppl(row['perplexity'])} | "
+                         f"{row['layer_local']:.4g} | {_fmt(row['block_local'], 4)} |")
+    lines += ["", "| bits | layer-local vs NLL | block-local vs NLL |", "|---|---|---|"]
+    for b, s in summary.items():
+        lad = s["ladder"]
+        lines.append(f"| {b} | {_ci(lad['layer_alignment'], 'spearman')} "
+                     f"(n={lad['layer_alignment']['n']}) | "
+                     f"{_ci(lad['block_alignment'], 'spearman')} "
+                     f"(n={lad['block_alignment']['n']}) |")
     rad = state.get("radius") or {}
     lines += ["", "## Landscape", "",
               f"Random-direction radius (||D_l|| proportional to ||W_l||) at which perplexity "
@@ -459,4 +512,5 @@ def write_outputs(state: dict, out: Path) -> None:
     plot_grad_cosine(state, out / "grad_cosine.png")
     plot_pareto(state, out / "pareto.png")
     plot_pareto_summary(state, out / "pareto_summary.png")
+    plot_ladder(state, out / "ladder.png", summary)
     atomic_write_text(out / "report.md", report(state, summary))

@@ -24,7 +24,7 @@ from compare.dtypes import describe_dtype_choice, resolve_dtype
 from compare.evaluate import evaluate_nll, heldout_windows, reference_logprobs
 from compare.memory import PeakRSS
 from compare.models import check_seq_len, load_model
-from compare.probes import (heldout_hessians, nll_along, one_layer_sensitivity, probe,
+from compare.probes import (block_reference, heldout_hessians, nll_along, one_layer_sensitivity, probe,
                             random_direction, solution_weights, swapped_weights)
 from ptq import quantize_model
 from ptq.arch import block_prefix, decoder_blocks
@@ -89,13 +89,13 @@ def _finetune_fields(method: str) -> dict:
 def search_spaces(cfg: MisalignmentConfig) -> dict[str, dict[str, tuple]]:
     """{method: {field: values}} for every tunable method of the study, declared spaces with
     the config's `search` entries on top."""
-    from ptq.registry import METHODS
+    from ptq.registry import available_methods
 
     used = [*cfg.methods, "fp-ft"]
     # entries may name any tunable method (a preset narrows spaces of methods a study may leave
     # out); the study draws from the spaces of its own methods
     defaults, types = {}, {}
-    for m in [*METHODS, *QAFT_ARMS, "fp-ft"]:
+    for m in [*available_methods(), *QAFT_ARMS, "fp-ft"]:
         if m in FINETUNE:
             types[m] = _finetune_fields(m)
             defaults[m] = {k: v for k, v in qaft.QAFT_SEARCH_SPACE.items() if k in types[m]}
@@ -141,6 +141,7 @@ class Study:
                                          batch_size=cfg.batch_size)
         self.reference = reference_logprobs(model, self.windows, batch_size=cfg.batch_size,
                                             progress=progress)
+        self.block_ref = block_reference(model, self.probe_windows, batch_size=cfg.batch_size)
         self.fp_probe_nll = probe(model, self.probe_windows, self.fp_weights, self.hessians,
                                   batch_size=cfg.batch_size)["nll"]
         self.limit = self.fp_probe_nll + math.log(cfg.radius_ppl_ratio)
@@ -163,7 +164,7 @@ class Study:
 
     def probe(self, model, grad: bool = False) -> dict:
         return probe(model, self.probe_windows, self.fp_weights, self.hessians, grad=grad,
-                     batch_size=self.cfg.batch_size)
+                     batch_size=self.cfg.batch_size, blocks=self.block_ref)
 
     def _compute(self, model):
         """A float32 model being fine-tuned is measured in the study's dtype (autocast), as the
@@ -176,7 +177,8 @@ class Study:
         """The probe summary recorded along QAFT / GPTQ runs."""
         with self._compute(model):
             p = self.probe(model)
-        return {k: p[k] for k in ("nll", "local_fp_mean", "local_prop_mean", "distance")}
+        return {k: p[k] for k in ("nll", "local_fp_mean", "local_prop_mean", "block_fp_mean",
+                                  "distance")}
 
     def validation_nll(self, model, seed: int) -> float:
         """Mean NLL on the seed's validation slice: what tuning and early stopping choose by."""
@@ -226,7 +228,7 @@ def _finetune(study: Study, plan: Plan, model, point: dict, out: dict) -> None:
     res = run()
     res.model.to(study.dtype)  # evaluated like every other solution
     keys = ("step", "tokens_processed", "unique_tokens", "loss", "seconds", "nll",
-            "local_fp_mean", "local_prop_mean", "distance", "val_nll")
+            "local_fp_mean", "local_prop_mean", "block_fp_mean", "distance", "val_nll")
     out["trajectory"] += [{k: r[k] for k in keys if k in r} for r in res.train.history
                           if "nll" in r]
     out.update(unique_tokens=res.train.unique_tokens,
@@ -317,6 +319,17 @@ def landscape(study: Study, model, plan: Plan, distance: float, solution_nll: fl
             "radius_solution": crossing["solution"], "radius_random_same_norm": crossing["random"]}
 
 
+def level(method: str) -> str | None:
+    """Where the method's objective sits on the locality ladder: "layer" (a layer method's
+    reconstruction), "block" (a block method's), "global" (fine-tuning on the model's loss);
+    None for the FP model."""
+    if method == "fp":
+        return None
+    if method in FINETUNE:
+        return "global"
+    return get_method(method).kind
+
+
 def measure(study: Study, plan: Plan) -> dict:
     t0 = time.perf_counter()
     with PeakRSS() as mem:
@@ -332,16 +345,18 @@ def measure(study: Study, plan: Plan) -> dict:
                **pr["layers"][n],
                **{k: v for k, v in calib.get(n, {}).items() if k != "name"}}
               for n in study.names]
-    row = {"id": plan.id, "method": plan.method, "variant": plan.variant, "bits": plan.bits,
-           "spec": plan.spec, "seed": plan.seed,
+    row = {"id": plan.id, "method": plan.method, "level": level(plan.method),
+           "variant": plan.variant, "bits": plan.bits, "spec": plan.spec, "seed": plan.seed,
            "metrics": {"nll": ev.nll, "perplexity": ev.perplexity, "kl": ev.kl,
                        "scored_tokens": ev.scored_tokens, "window_nll": ev.window_nll,
                        "probe_nll": pr["nll"], "local_fp_mean": pr["local_fp_mean"],
-                       "local_prop_mean": pr["local_prop_mean"], "distance": pr["distance"],
+                       "local_prop_mean": pr["local_prop_mean"],
+                       "block_fp_mean": pr["block_fp_mean"], "distance": pr["distance"],
                        "val_nll": trials[[t["options"] for t in trials].index(chosen)]["val_nll"]},
            "chosen": chosen, "trials": trials,
            "budget": {k: solved.pop(k) for k in ("unique_tokens", "tokens_processed", "steps")},
-           "trajectory": solved.pop("trajectory"), "layers": layers, "landscape": None}
+           "trajectory": solved.pop("trajectory"), "layers": layers, "blocks": pr["blocks"],
+           "landscape": None}
     if plan.main and plan.method != "fp-ft":
         row["landscape"] = landscape(study, model, plan, pr["distance"], pr["nll"])
     row["seconds"] = {"solve": solve_s, "measure": time.perf_counter() - t1}

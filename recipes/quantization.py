@@ -17,7 +17,7 @@ from compare.data import DataBudget, TextSplits, bos_token_id, budget_blocks
 from ptq import PTQResult, quantize_model
 from ptq.errors import OptionsError
 from ptq.formats import QuantSpec
-from ptq.registry import METHODS, get_method
+from ptq.registry import available_methods, get_method
 from recipes.flags import add_dataclass_flags, flag_name, from_args, given_fields
 
 __all__ = ["CalibConfig", "add_method_flags", "add_calib_flags", "method_options",
@@ -59,8 +59,9 @@ def add_method_flags(p: argparse.ArgumentParser, *, with_method: bool = True,
                        help="quantization spec, e.g. int3-g64, int4-sym-ch, e2m1-g32")
         p.add_argument("--method", default="rtn",
                        help=f"registered PTQ method (default: rtn; have: "
-                            f"{', '.join(sorted(METHODS))})")
-    for name, method in sorted(METHODS.items()):
+                            f"{', '.join(sorted(available_methods()))}; `qalign methods` "
+                            "lists them)")
+    for name, method in sorted(available_methods().items()):
         if dataclasses.fields(method.options):
             group = p.add_argument_group(f"options of method {name}")
             add_dataclass_flags(group, method.options, prefix=name)
@@ -76,7 +77,7 @@ def method_options(args, chosen: list[str]) -> dict:
     registered method is an error naming the methods it belongs to."""
     for m in chosen:
         get_method(m)  # unknown names fail here
-    for name, method in METHODS.items():
+    for name, method in available_methods().items():
         given = given_fields(method.options, args, prefix=name)
         if given and name not in chosen:
             flags = ", ".join(flag_name(k, name) for k in given)

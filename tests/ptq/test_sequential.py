@@ -160,7 +160,7 @@ RECORDED: list = []  # (W, stats) of every call of the recording method below, i
 
 
 def _recording_method() -> str:
-    """A method that leaves W unchanged and appends what it receives to RECORDED."""
+    """A method that returns RTN and appends what it receives to RECORDED."""
     from dataclasses import dataclass
 
     @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def _recording_method() -> str:
         @ptq.register_method(name, options=NoOptions, needs_hessian=True, needs_inputs=True)
         def records(W, stats, spec, options):
             RECORDED.append((W.clone(), stats))
-            return ptq.QuantResult(W.clone())
+            return ptq.QuantResult(ptq.fake_quantize(W, spec))
 
     RECORDED.clear()
     return name
@@ -199,7 +199,10 @@ def test_bf16_model_hessians_are_float32_sums_of_its_bf16_activations():
     assert len(RECORDED) == len(res.layers) == len(acts)
     for r, (W, stats) in zip(res.layers, RECORDED):
         assert W.dtype == torch.float32  # the method gets W upcast...
-        assert torch.equal(W.to(torch.bfloat16), linear_weight(model.get_submodule(r.name)))
+        assert torch.equal(W.to(torch.bfloat16), before[r.name + ".weight"])
+        # ...and its result comes back rounded to bf16
+        assert torch.equal(linear_weight(model.get_submodule(r.name)),
+                           ptq.fake_quantize(W, "int4").to(torch.bfloat16))
         X = torch.cat(acts[r.name])
         assert X.dtype == torch.bfloat16  # ...and the blocks ran in bf16
         assert torch.equal(stats.X, X.float()), r.name  # the same activations as the model's
@@ -210,8 +213,9 @@ def test_bf16_model_hessians_are_float32_sums_of_its_bf16_activations():
         # a bf16 GEMM would be off by far more: the test can tell the difference
         bf16_gemm = 2.0 / n * (X.T @ X).double()
         assert float((bf16_gemm - exact).abs().max()) > 1e-4 * scale
-    # the weights came back unchanged, in bf16
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # nothing else changed
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()
+               if k.removesuffix(".weight") not in acts)
 
 
 def test_gptq_on_a_bf16_model_matches_the_fp32_run():
@@ -244,14 +248,6 @@ def test_gptq_on_a_bf16_model_matches_the_fp32_run():
             ptq.weight_relative_error(W0[r.name], Wq.float()), rel=1e-6)
 
 
-def _quantize_blocks(model, spec, method, calib, **kw):
-    from ptq.sequential import quantize_blocks
-
-    m = ptq.get_method(method)
-    return quantize_blocks(model, calib, ptq.parse_spec(spec), m, m.resolve_options(None),
-                           dict(ptq.quantizable_linears(model)), progress=False, **kw)
-
-
 @pytest.mark.parametrize("propagate", ["quantized", "fp"])
 def test_offloaded_activations_give_the_same_model_and_are_removed(tmp_path, propagate):
     # gemma3: every block receives its own mask and rotary embedding
@@ -263,11 +259,14 @@ def test_offloaded_activations_give_the_same_model_and_are_removed(tmp_path, pro
     def on_block(k, records):  # the activations are on disk while the run goes on
         seen.append(sorted(p.name for p in tmp_path.glob("qalign-activations-*/**/*.safetensors")))
 
-    ra, _ = _quantize_blocks(a, "int3-g16", "gptq", calib, batch_size=4, propagate=propagate)
-    rb, _ = _quantize_blocks(b, "int3-g16", "gptq", calib, batch_size=4, propagate=propagate,
-                             offload_dir=tmp_path, on_block=on_block)
+    ra = ptq.quantize_model(a, "int3-g16", "gptq", calib=calib, batch_size=4,
+                            propagate=propagate, progress=False)
+    rb = ptq.quantize_model(b, "int3-g16", "gptq", calib=calib, batch_size=4,
+                            propagate=propagate, offload_dir=tmp_path, on_block=on_block,
+                            progress=False)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert [r.proxy_loss for r in ra] == [r.proxy_loss for r in rb]
+    assert [r.proxy_loss for r in ra.layers] == [r.proxy_loss for r in rb.layers]
+    assert [r.rel_output_error for r in ra.blocks] == [r.rel_output_error for r in rb.blocks]
     # two batches (4 + 2 samples): one file each, the spent inputs of FP propagation removed
     assert seen == [["batch000000.safetensors", "batch000001.safetensors"]] * len(seen)
     assert len(seen) == 4 and list(tmp_path.iterdir()) == []
@@ -280,8 +279,9 @@ def test_offloaded_activations_are_removed_on_error(tmp_path):
         raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError, match="stop"):
-        _quantize_blocks(tiny_model("llama", seed=12), "int4", "rtn", calib, batch_size=2,
-                         offload_dir=tmp_path / "scratch", on_block=fail)
+        ptq.quantize_model(tiny_model("llama", seed=12), "int4", "rtn", calib=calib,
+                           batch_size=2, offload_dir=tmp_path / "scratch", on_block=fail,
+                           progress=False)
     assert list((tmp_path / "scratch").iterdir()) == []
 
 

@@ -47,7 +47,7 @@ def test_recipe_end_to_end_schema_correlations_and_resume(tmp_path, tiny3, text_
                  "1.5")
     misalignment.main(argv)
     state = json.loads((out / "results.json").read_text())
-    assert state["schema"] == "qalign.misalignment/2"
+    assert state["schema"] == "qalign.misalignment/3"
     for key in ("config", "versions", "budget", "heldout", "fp_probe_nll", "runs", "sensitivity",
                 "radius", "alignment", "timings"):
         assert key in state
@@ -265,3 +265,38 @@ def test_two_seeds_resume_and_aggregate(tmp_path, tiny3, text_file, monkeypatch)
     assert spread["n"] == 2 and spread["min"] <= spread["mean"] <= spread["max"]
     assert spread["low"] <= spread["mean"] <= spread["high"]
     assert state["alignment"]["2"]["comparisons"]["rtn vs gptq"]["seeds"] == 2
+
+
+def test_worked_example_method_and_the_locality_ladder(tmp_path, tiny3, text_file, monkeypatch):
+    # the README's worked example: a layer method in a file, loaded with --plugin, run through
+    # the main job next to a block method (block-ap) and QAFT; its rows reach the report
+    from ptq import registry
+    from recipes.cli import main
+
+    monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))
+    out = tmp_path / "ladder"
+    argv = _argv(tiny3, text_file, out, "--bits", "3", "--methods", "rtn", "diag-clip",
+                 "block-ap", "qaft", "--no-tune", "--landscape-t", "1.0")
+    main(["--plugin", "recipes/examples/diag_clip.py", "recipe", "misalignment", *argv])
+    state = json.loads((out / "results.json").read_text())
+    runs = state["runs"]
+    levels = {r["method"]: r["level"] for r in runs.values()}
+    assert levels == {"fp": None, "fp-ft": "global", "rtn": "layer", "diag-clip": "layer",
+                      "block-ap": "block", "qaft": "global"}
+    for r in runs.values():
+        if r["bits"]:
+            assert len(r["blocks"]) == 3 and r["metrics"]["block_fp_mean"] > 0
+    # the block method minimizes the block-level loss on the budget: on held-out FP inputs it
+    # stays below the layer methods'
+    assert runs["block-ap/int3-g16"]["metrics"]["block_fp_mean"] < \
+        runs["rtn/int3-g16"]["metrics"]["block_fp_mean"]
+    lad = state["alignment"]["3"]["ladder"]
+    assert list(lad["methods"])[:2] == sorted(["rtn", "diag-clip"], key=lambda m: (
+        lad["methods"][m]["perplexity"]["mean"]))
+    assert [lad["methods"][m]["level"] for m in lad["methods"]] == \
+        ["layer", "layer", "block", "global"]
+    for key in ("layer_alignment", "block_alignment"):
+        assert lad[key]["n"] >= 4 and -1 <= lad[key]["spearman"] <= 1
+    report = (out / "report.md").read_text()
+    assert "## Locality ladder" in report and "| 3 | diag-clip | layer |" in report
+    assert (out / "ladder.png").stat().st_size > 0
