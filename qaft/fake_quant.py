@@ -177,12 +177,13 @@ class FakeQuantLinear(nn.Module):
             p = compute_qparams(weight.detach(), self.spec, clip)
         else:
             raise OptionsError(f"init={init!r}: use 'rtn', 'mse' or a QuantizedTensor")
-        scale = p.scale.to(torch.float32)
+        # copies: training must not change the QuantizedTensor (or weight) it started from
+        scale = p.scale.detach().to(torch.float32, copy=True)
         if scale_mode == "learned":
             self.scale = nn.Parameter(scale)
         else:
             self.register_buffer("scale", scale)
-        zero = None if p.zero is None else p.zero.to(torch.float32)
+        zero = None if p.zero is None else p.zero.detach().to(torch.float32, copy=True)
         if learn_zero:
             self.zero = nn.Parameter(zero)
         else:

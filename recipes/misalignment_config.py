@@ -36,8 +36,9 @@ class MisalignmentConfig:
     data: str = _f("wiki", "text: wiki (embedded), a local file/folder, or hf:NAME[:CONFIG]")
     bits: tuple[int, ...] = _f((2, 3, 4), "integer bit widths")
     granularity: str = _f("g64", "ch, t or gN (groups of N inputs)")
-    methods: tuple[str, ...] = _f(("rtn", "gptq", "qaft", "qaft-gptq"),
-                                  "rtn, gptq, any registered PTQ method, and QAFT from an RTN "
+    methods: tuple[str, ...] = _f(("rtn", "hqq", "gptq", "block-ap", "qaft", "qaft-gptq"),
+                                  "registered PTQ methods (layer: rtn, hqq, gptq; block: "
+                                  "block-ap; `qalign methods` lists all) and QAFT from an RTN "
                                   "(qaft), MSE-clipped (qaft-mse) or GPTQ (qaft-gptq) start, "
                                   "per bit width")
     gptq_variants: tuple[str, ...] = _f(("act_order=false",),
@@ -134,17 +135,22 @@ class MisalignmentConfig:
 
 
 PRESETS = {
-    # README main job: SmolLM2-135M on 2 CPU cores (time measured in the README). Every method
-    # gets two trials, the whole of a two-point space around its main knob; the spaces are
-    # narrowed here to fit the time, and the paper preset tunes the full declared spaces.
-    "quick": {"gptq_variants": (), "trials": 2, "eval_tokens": 8192,
+    # README main job: SmolLM2-135M on 2 CPU cores (time measured in the README), at int3, where
+    # the methods separate without collapsing, one method per rung of the locality ladder next
+    # to RTN (`--bits 2 3 4 --methods rtn hqq gptq block-ap qaft qaft-gptq`: the full study,
+    # about an hour). Every method gets two trials, the whole of a two-point space around its
+    # main knob; the spaces are narrowed here to fit the time, and the paper preset tunes the
+    # full declared spaces.
+    "quick": {"bits": (3,), "methods": ("rtn", "gptq", "block-ap", "qaft-gptq"),
+              "gptq_variants": (), "trials": 2, "eval_tokens": 8192,
               "schedule": "cosine", "warmup_steps": 2,
               "search": ("gptq.act_order=true,false", "gptq.damp=0.01", "gptq.clip_search=true",
                          "gptq.static_groups=false", "qaft.lr=1e-4,1e-3",
                          "qaft.scale_mode=learned", "qaft.loss=nll", "qaft-gptq.lr=3e-5,1e-4",
                          "qaft-gptq.scale_mode=learned", "qaft-gptq.loss=nll",
-                         "fp-ft.lr=1e-5,1e-4"),
-              "trajectory_every": 10, "sensitivity_stride": 10,
+                         "fp-ft.lr=1e-5,1e-4", "hqq.beta=10", "block-ap.init=gptq",
+                         "block-ap.scale_lr=1e-4", "block-ap.epochs=4"),
+              "trajectory_every": 10, "sensitivity_stride": 15,
               "landscape_t": (0.5, 1.0, 1.5)},
     # the README's untuned comparison of earlier versions: pinned hyperparameters, one QAFT arm
     "untuned": {"tune": False, "keep_best": False, "clip_dynamic": True, "dtype": "float32",

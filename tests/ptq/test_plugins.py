@@ -345,3 +345,35 @@ def test_block_ap_is_deterministic_and_zero_epochs_is_its_init():
     rtn = ptq.quantize_model(tiny_model("llama", seed=9), "int3-g16", "rtn", progress=False)
     for name, qt in init.quantized.items():
         assert torch.allclose(qt.dequantize(), rtn.quantized[name].dequantize(), atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_block_ap_micro_batches_compute_what_the_whole_batch_does(arch):
+    from qaft.block_ap import slice_batch
+
+    model = tiny_model(arch, seed=10)
+    calib = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(10))
+    captured = capture_block_inputs(model, calib, 4, "cpu")
+    x = captured.hidden[0]
+    with torch.no_grad():
+        for k, block in enumerate(decoder_blocks(model)):
+            kw = captured.kwargs(k)[0]
+            whole = block(x, **kw)
+            whole = whole[0] if isinstance(whole, tuple) else whole
+            for s, e in ((0, 2), (2, 3), (3, 4)):
+                part = block(x[s:e], **slice_batch(kw, s, e, 4))
+                part = part[0] if isinstance(part, tuple) else part
+                assert torch.allclose(part, whole[s:e], atol=1e-5), (k, s)
+            x = whole
+
+
+def test_learned_scales_do_not_change_the_solution_they_start_from():
+    from qaft import FakeQuantLinear
+
+    lin = torch.nn.Linear(32, 8, bias=False)
+    qt = ptq.quantize(lin.weight.detach(), "int3-g16")
+    before = qt.scale.clone()
+    fq = FakeQuantLinear(lin, "int3-g16", scale_mode="learned", init=qt)
+    with torch.no_grad():
+        fq.scale.mul_(2)
+    assert torch.equal(qt.scale, before)
