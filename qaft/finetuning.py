@@ -82,6 +82,7 @@ class FinetuneResult:
     codes: dict[str, QuantizedTensor] | None  # None for the FP control
     train: TrainResult
     info: dict  # mode, configs, seconds (gptq_seconds for a GPTQ start), notes
+    start: dict | None = None  # a GPTQ start {layer: QuantizedTensor}, for a later trial
 
 
 def _gptq_start(model, blocks, spec, gptq: GPTQOptions | None, filter_fn, progress, info):
@@ -100,9 +101,11 @@ def finetune_qaft(model: nn.Module, blocks, spec: QuantSpec | str,
                   gptq: GPTQOptions | None = None, filter_fn: FilterFn | None = None,
                   local_inputs: dict[str, torch.Tensor] | None = None, eval_fn=None,
                   progress: bool = True, teacher: nn.Module | None = None,
-                  **train_kwargs) -> FinetuneResult:
+                  solution: dict | None = None, **train_kwargs) -> FinetuneResult:
     """QAFT: fake-quantize the selected layers (qaft.prepare), train with the STE, snap onto the
-    grid (qaft.convert). local_inputs {layer: X (m, in)}: record each layer's local loss against
+    grid (qaft.convert). With init "gptq", `solution` {layer: QuantizedTensor} is a GPTQ solution
+    of this same model on these same blocks computed before (e.g. by an earlier trial); without
+    it GPTQ runs here (its options `gptq`). local_inputs {layer: X (m, in)}: record each layer's local loss against
     its FP weight during training. With train.loss "kd" the teacher is `teacher`, or else a deep
     copy of `model` made before the GPTQ start and prepare (one more copy of the weights in
     memory for the whole run). train_kwargs go to `qaft.train.finetune` (checkpoints,
@@ -119,14 +122,17 @@ def finetune_qaft(model: nn.Module, blocks, spec: QuantSpec | str,
     if local_inputs:  # the FP weights, before a GPTQ start or prepare changes them
         reference = {n: linear_weight(m).detach().clone()
                      for n, m in select_linears(model, filter_fn) if n in local_inputs}
-    solution = (_gptq_start(model, blocks, spec, gptq, filter_fn, progress, info)
-                if config.init == "gptq" else None)
+    if solution is not None and (config.init != "gptq" or gptq is not None):
+        raise OptionsError("solution= is the GPTQ start itself: give it with init 'gptq' and "
+                           "without gptq= options")
+    if config.init == "gptq" and solution is None:
+        solution = _gptq_start(model, blocks, spec, gptq, filter_fn, progress, info)
     prepare(model, spec, config, filter_fn=filter_fn, solution=solution)
     result = finetune(model, blocks, train, local_inputs=local_inputs, local_reference=reference,
                       eval_fn=eval_fn, progress=progress, teacher=teacher, **train_kwargs)
     codes = convert(model)
     info["seconds"] = time.perf_counter() - t0
-    return FinetuneResult(model, codes, result, info)
+    return FinetuneResult(model, codes, result, info, solution)
 
 
 def finetune_lora(model: nn.Module, blocks, spec: QuantSpec | str,

@@ -149,8 +149,8 @@ PRESETS = {
                          "qaft.scale_mode=learned", "qaft.loss=nll", "qaft-gptq.lr=3e-5,1e-4",
                          "qaft-gptq.scale_mode=learned", "qaft-gptq.loss=nll",
                          "fp-ft.lr=1e-5,1e-4", "hqq.beta=10", "block-ap.init=gptq",
-                         "block-ap.scale_lr=1e-4", "block-ap.epochs=4"),
-              "trajectory_every": 10, "sensitivity_stride": 15,
+                         "block-ap.scale_lr=1e-4", "block-ap.epochs=2"),
+              "trajectory_every": 30, "sensitivity_stride": 15, "checkpoint_every": 16,
               "landscape_t": (0.5, 1.0, 1.5)},
     # the README's untuned comparison of earlier versions: pinned hyperparameters, one QAFT arm
     "untuned": {"tune": False, "keep_best": False, "clip_dynamic": True, "dtype": "float32",

@@ -113,6 +113,7 @@ class Study:
 
     def __init__(self, cfg: MisalignmentConfig, device: str, progress: bool):
         self.cfg, self.device, self.progress = cfg, device, progress
+        self.gptq_starts: dict = {}  # {(spec, seed): GPTQ start of the float32 model}
         self.spaces = search_spaces(cfg)  # bad search entries fail before any work
         self.dtype = resolve_dtype(cfg.dtype, device)
         print(f"dtype: {describe_dtype_choice(cfg.dtype, device)}", flush=True)
@@ -218,14 +219,20 @@ def _finetune(study: Study, plan: Plan, model, point: dict, out: dict) -> None:
                                  **{k: v for k, v in point.items() if k not in train_fields})
         # step 0 of an RTN start is RTN (dynamic min/max scales give exactly RTN's grid)
         start_weights = study.rtn_weights(plan.spec) if config.init == "rtn" else None
+        # a GPTQ start is the same for every trial of a (spec, seed): computed once
+        key = (plan.spec, plan.seed)
         run = lambda: qaft.finetune_qaft(model, study.calib[plan.seed], plan.spec,  # noqa: E731
                                          config, train, eval_fn=study.checkpoint,
-                                         validate_fn=validate, progress=study.progress)
+                                         validate_fn=validate, progress=study.progress,
+                                         solution=study.gptq_starts.get(key)
+                                         if config.init == "gptq" else None)
     if start_weights is not None:
         with swapped_weights(model, start_weights):
             out["trajectory"].append({"step": 0, "tokens_processed": 0,
                                       **study.checkpoint(model)})
     res = run()
+    if res.start is not None:
+        study.gptq_starts[(plan.spec, plan.seed)] = res.start
     res.model.to(study.dtype)  # evaluated like every other solution
     keys = ("step", "tokens_processed", "unique_tokens", "loss", "seconds", "nll",
             "local_fp_mean", "local_prop_mean", "block_fp_mean", "distance", "val_nll")

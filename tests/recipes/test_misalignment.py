@@ -167,7 +167,7 @@ def test_plan_names_variants_and_extra_methods():
                                                                       "granularity=g128"]})
     ids = [p.id for p in misalignment.plan_runs(cfg)]
     assert ids == ["fp", "fp-ft", "rtn/int3-g64", "gptq/int3-g64", "gptq[damp=0.1]/int3-g64",
-                   "gptq[granularity=g128]/int3-g128", "qaft/int3-g64", "qaft-gptq/int3-g64"]
+                   "gptq[granularity=g128]/int3-g128", "block-ap/int3-g64", "qaft-gptq/int3-g64"]
     two = load_config("quick", None, {"bits": [3], "methods": ["gptq"], "seeds": [0, 1],
                                       "gptq_variants": []})
     assert [p.id for p in misalignment.plan_runs(two)] == [
