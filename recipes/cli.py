@@ -227,13 +227,17 @@ def cmd_methods(args) -> None:
     if args.json:
         print(json.dumps(table, indent=1, default=str))
         return
-    print(f"{'method':<14} {'kind':<6} {'data':<5} {'from':<18} options (defaults)")
-    for r in table["methods"]:
+    rows = table["methods"]
+    w_name = max([len("method"), *(len(r["name"]) for r in rows),
+                  *map(len, table["failed_plugins"])])
+    w_from = max([len("from"), *(len(r["source"]) for r in rows)])
+    print(f"{'method':<{w_name}}  {'kind':<5}  {'data':<4}  {'from':<{w_from}}  options (defaults)")
+    for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
-        print(f"{r['name']:<14} {r['kind']:<6} {'yes' if r['needs_data'] else 'no':<5} "
-              f"{r['source']:<18} {opts}")
+        print(f"{r['name']:<{w_name}}  {r['kind']:<5}  {'yes' if r['needs_data'] else 'no':<4}  "
+              f"{r['source']:<{w_from}}  {opts}")
     for name, why in table["failed_plugins"].items():
-        print(f"{name:<14} FAILED to load: {why}")
+        print(f"{name:<{w_name}}  FAILED to load: {why}")
 
 
 def _plugin_arg(p: argparse.ArgumentParser) -> None:
