@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ptq.arch import ArchError, decoder_blocks, get_arch
-from ptq.capture import capture_block_inputs
+from ptq.capture import block_output, capture_block_inputs
 from ptq.layers import linear_weight, set_linear_weight
 from ptq.hessian import HessianAccumulator
 from ptq.metrics import (block_error_sums, output_error_sums, ratio,
@@ -197,10 +197,6 @@ class BlockReference:
     kwargs: list[list[dict]]
 
 
-def _block_out(y):
-    return y[0] if isinstance(y, tuple) else y
-
-
 @torch.no_grad()
 def block_reference(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 2
                     ) -> BlockReference:
@@ -210,7 +206,8 @@ def block_reference(model: nn.Module, windows: torch.Tensor, *, batch_size: int 
     captured = capture_block_inputs(model, windows, batch_size, device)
     hidden = [list(captured.hidden)]
     for k, block in enumerate(decoder_blocks(model)):
-        hidden.append([_block_out(block(x, **kw)) for x, kw in zip(hidden[k], captured.kwargs(k))])
+        hidden.append([block_output(block(x, **kw))
+                       for x, kw in zip(hidden[k], captured.kwargs(k))])
     return BlockReference(hidden, captured.block_kwargs)
 
 
@@ -222,7 +219,7 @@ def block_errors(model: nn.Module, ref: BlockReference) -> list[float]:
     for k, block in enumerate(decoder_blocks(model)):
         num = den = 0.0
         for x, y, kw in zip(ref.hidden[k], ref.hidden[k + 1], ref.kwargs[k]):
-            e, d = block_error_sums(x, y, _block_out(block(x, **kw)))
+            e, d = block_error_sums(x, y, block_output(block(x, **kw)))
             num, den = num + e, den + d
         out.append(ratio(num, den))
     return out

@@ -33,7 +33,12 @@ from torch import nn
 
 from .arch import ArchError, decoder_blocks, get_arch
 
-__all__ = ["BlockInputs", "DiskActivations", "capture_block_inputs"]
+__all__ = ["BlockInputs", "DiskActivations", "block_output", "capture_block_inputs"]
+
+
+def block_output(y):
+    """The hidden state a decoder block returns (some return it alone, some in a tuple)."""
+    return y[0] if isinstance(y, tuple) else y
 
 # arguments not replayed: the hidden states (given positionally), and the KV cache, which
 # block-by-block calibration does not use

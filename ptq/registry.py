@@ -239,8 +239,8 @@ def get_method(name: str) -> Method:
     try:
         return available_methods()[name]
     except KeyError:
-        broken = [k for k in PLUGIN_ERRORS if k == name]
-        why = f" (its plug-in failed to load: {PLUGIN_ERRORS[broken[0]]})" if broken else ""
+        why = (f" (its plug-in failed to load: {PLUGIN_ERRORS[name]})" if name in PLUGIN_ERRORS
+               else "")
         raise UnknownMethodError(
             f"unknown PTQ method {name!r}{why}; registered: {sorted(METHODS)}. "
             "Register your own with @ptq.register_method(name, options=YourOptions)."

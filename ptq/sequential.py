@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .apply import BlockRecord, LayerRecord
 from .arch import block_prefix, decoder_blocks
-from .capture import DiskActivations, capture_block_inputs
+from .capture import DiskActivations, block_output, capture_block_inputs
 from .errors import QalignError
 from .formats import QuantizedTensor, QuantSpec
 from .hessian import HessianAccumulator
@@ -66,7 +66,7 @@ def _run_block(block: nn.Module, inputs, kwargs_list: list[dict], out=None) -> N
     for i, kw in enumerate(kwargs_list):
         y = block(inputs[i], **kw)
         if out is not None:
-            out[i] = y[0] if isinstance(y, tuple) else y
+            out[i] = block_output(y)
 
 
 def _new_store(like, root: Path | None, k: int):
@@ -144,8 +144,7 @@ def _block_error(block: nn.Module, inputs, kwargs_list: list[dict], fp_out, writ
     tokens = 0
     for i, kw in enumerate(kwargs_list):
         x = inputs[i]
-        y = block(x, **kw)
-        y = y[0] if isinstance(y, tuple) else y
+        y = block_output(block(x, **kw))
         e, d = block_error_sums(x, fp_out[i], y)
         num, den, tokens = num + e, den + d, tokens + x.shape[0] * x.shape[1]
         if write:
