@@ -3,10 +3,16 @@
 Every schedule starts with `warmup_steps` of linear warmup, (step + 1) / warmup_steps, then:
   constant  1
   cosine    lo + (1 - lo) * (1 + cos(pi * p)) / 2, p = (step - warmup) / (total - warmup)
-  wsd       warmup, stable at 1, then a linear decay to lo over the last
-            round(decay_fraction * total) steps (Hu et al. 2024, MiniCPM, arXiv 2404.06395)
+  wsd       warmup, stable at 1, then a linear decay to lo over the last D steps,
+            D = decay_steps or round(decay_fraction * total) (Hu et al. 2024, MiniCPM,
+            arXiv 2404.06395); the last step's factor is exactly lo
 with lo = min_lr_ratio. `total` is the run's number of optimizer steps, whichever budget (epochs,
 max_steps or max_tokens) set it.
+
+A WSD cooldown branch is a run that follows a constant (or WSD) run up to a saved stable-phase
+checkpoint at step s and then decays over D steps: schedule wsd, decay_steps D, total s + D, the
+same warmup. Its factors at steps < s equal the parent's, which `qaft.train` checks
+(`first_lr_difference`) before it branches.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .train import TrainConfig
 
-__all__ = ["SCHEDULES", "lr_factor"]
+__all__ = ["SCHEDULES", "lr_factor", "first_lr_difference"]
 
 SCHEDULES = ("constant", "cosine", "wsd")
 
@@ -33,8 +39,20 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
         span = max(total - cfg.warmup_steps, 1)
         progress = min((step - cfg.warmup_steps) / span, 1.0)
         return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay_steps = max(round(cfg.decay_fraction * total), 1)  # wsd: warmup, stable, decay
+    # wsd: warmup, stable, decay
+    decay_steps = cfg.decay_steps or max(round(cfg.decay_fraction * total), 1)
     start = total - decay_steps
     if step < start:
         return 1.0
     return lo + (1 - lo) * (1 - (step - start + 1) / decay_steps)
+
+
+def first_lr_difference(parent: TrainConfig, parent_total: int, child: TrainConfig, child_total: int,
+                    steps: int) -> int | None:
+    """The first step < `steps` where the two schedules' learning rates differ, or None when
+    they agree on all of them (a branch at step `steps` then continues the parent exactly)."""
+    for step in range(steps):
+        if parent.lr * lr_factor(step, parent_total, parent) != \
+                child.lr * lr_factor(step, child_total, child):
+            return step
+    return None

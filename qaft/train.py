@@ -22,7 +22,13 @@ held-out NLL), stored as `eval_nll` when it returns a number, merged into the ro
 
 With `checkpoint_dir`, a checkpoint (`qaft.checkpoints`) is written every `checkpoint_every` steps
 and at the end; `resume=True` continues from the latest one with the same data order, optimizer,
-schedule and RNG state, so the result is bit-identical to an uninterrupted run.
+schedule and RNG state, so the result is bit-identical to an uninterrupted run. `branch_from=` a
+checkpoint of another run starts a new run there (a WSD cooldown from a stable-phase checkpoint):
+the same state, data position and history, another schedule and budget, which must give the same
+learning rates as the parent's at every step before the branch point.
+
+Mixed precision is accelerate's on accelerators; fp16 on a CPU, which accelerate would silently
+run in float32, uses torch's CPU autocast and gradient scaler here.
 
 The loss is the next-token NLL of the blocks, or with loss "kd" the KL divergence from a frozen FP
 `teacher` on the same blocks (`qaft.distill`); rows then hold the NLL of the batch too
@@ -35,11 +41,13 @@ best state and its step are part of the checkpoints, so a resumed run keeps them
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -54,7 +62,7 @@ from .checkpoints import (checkpoint_meta, latest_checkpoint, load_checkpoint, r
 from .data import DataSource, TokenBlocks
 from .distill import LOSSES, causal_nll, kd_loss
 from .fake_quant import FakeQuantLinear, fake_quant_layers
-from .schedules import SCHEDULES, lr_factor
+from .schedules import SCHEDULES, first_lr_difference, lr_factor
 
 __all__ = ["TrainConfig", "TrainResult", "finetune", "lr_factor", "param_groups", "SCHEDULES",
            "DataSource", "TokenBlocks"]
@@ -77,13 +85,18 @@ class TrainConfig:
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup optimizer steps"})
     decay_fraction: float = field(default=0.2, metadata={
         "help": "wsd: fraction of steps in the final linear decay"})
+    decay_steps: int = field(default=0, metadata={
+        "help": "wsd: steps of the final linear decay, instead of decay_fraction (0: use "
+                "decay_fraction); a cooldown branch sets it"})
     min_lr_ratio: float = field(default=0.0, metadata={
         "help": "cosine/wsd: final learning rate as a fraction of the peak"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     decay_all_params: bool = field(default=False, metadata={
         "help": "apply weight decay to biases, norms, embeddings and LSQ scales too"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
-    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16"})
+    mixed_precision: str = field(default="no", metadata={
+        "help": "no, bf16 or fp16 autocast (fp16 with a gradient scaler; on a CPU fp16 matmuls "
+                "run an order of magnitude slower than bf16)"})
     seed: int = field(default=0, metadata={"help": "seed of the data order"})
     local_every: int = field(default=0, metadata={
         "help": "record each layer's local loss every k steps (0: never)"})
@@ -118,7 +131,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise OptionsError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("max_steps", "max_tokens", "warmup_steps", "local_every", "eval_every",
+        for name in ("max_steps", "max_tokens", "warmup_steps", "decay_steps", "local_every",
+                     "eval_every",
                      "checkpoint_every", "validate_every", "patience"):
             if getattr(self, name) < 0:
                 raise OptionsError(f"{name}={getattr(self, name)} must be >= 0 (0: "
@@ -158,7 +172,7 @@ class TrainResult:
     unique_tokens: int
     seconds: float  # wall time of the whole run, summed over its resumed parts
     world_size: int = 1
-    resumed_from: int = 0  # the optimizer step a resumed run started at (0: from scratch)
+    resumed_from: int = 0  # the optimizer step a resumed or branched run started at
     # with validate_every: the step (0: before training) and value of the best validation, and
     # whether patience ran out before the budget did
     best_step: int | None = None
@@ -256,6 +270,36 @@ def _check_resumable(meta: dict, config: TrainConfig, world: int, source: DataSo
                            f"{[source.num_blocks, source.seq_len]}; resume with the same ones")
 
 
+_SCHEDULE_FIELDS = ("schedule", "max_steps", "max_tokens", "epochs", "decay_fraction",
+                    "decay_steps", "min_lr_ratio")
+# fields that only say what is recorded or written: a branch may change them too
+_RECORD_FIELDS = ("checkpoint_every", "keep_checkpoints", "local_every", "eval_every",
+                  "validate_every", "patience", "restore_best")
+
+
+def _check_branchable(meta: dict, config: TrainConfig, world: int, source: DataSource, path,
+                      per_step: int, total_steps: int) -> None:
+    """A branch keeps everything of its parent but the schedule and budget, and its learning
+    rates agree with the parent's up to the branch point."""
+    _check_resumable({**meta, "config": {**meta["config"], **{
+        k: v for k, v in json.loads(json.dumps(asdict(config))).items()
+        if k in _SCHEDULE_FIELDS + _RECORD_FIELDS}}}, config, world, source, path)
+    parent = TrainConfig(**{**asdict(TrainConfig()), **meta["config"]})
+    step = meta["step"]
+    if step >= total_steps:
+        raise OptionsError(f"the branch point {path} is at step {step}, at or after the end of "
+                           f"this run ({total_steps} steps); give the branch a budget beyond "
+                           "its branch point (max_steps = branch step + cooldown steps)")
+    parent_total = _total_steps(parent, source, per_step)
+    diverges = first_lr_difference(parent, parent_total, config, total_steps, step)
+    if diverges is not None:
+        raise OptionsError(
+            f"this run's learning rate at step {diverges} differs from that of the run it "
+            f"branches from ({path}, step {step}): a branch must follow its parent's schedule "
+            "up to the branch point; e.g. parent constant with warmup W, branch wsd with the "
+            "same warmup, decay_steps D and max_steps = branch step + D")
+
+
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """CPU copies of everything training changes: the parameters with requires_grad, and the
     scale/zero buffers of the fake-quantized layers."""
@@ -311,13 +355,16 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
              eval_fn: Callable[[nn.Module], float | dict] | None = None,
              progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
              resume: bool = False, teacher: nn.Module | None = None,
-             validate_fn: Callable[[nn.Module], float] | None = None) -> TrainResult:
+             validate_fn: Callable[[nn.Module], float] | None = None,
+             branch_from: str | os.PathLike | None = None) -> TrainResult:
     """Train `model` (fake-quantized or not) on `blocks` as `config` says.
 
     blocks: the (n, seq_len) token blocks, or a `qaft.data.DataSource`.
     local_inputs: {layer name: X (m, in)} held-out inputs of fake-quantized layers, and
     local_reference: {layer name: FP weight (out, in)}, for the local-loss record.
     checkpoint_dir: where checkpoints go; resume: continue from its latest checkpoint if any.
+    branch_from: a checkpoint folder (step-*) of another run to start from with this config (see
+    the module docstring); once the branch has checkpoints of its own, resume continues those.
     teacher: with loss "kd", the frozen FP model (same vocabulary), put in eval mode and on the
     training device; its logits are computed per micro-batch under no_grad, in the same mixed
     precision as the student. It costs its weights' memory and one forward per micro-batch
@@ -335,25 +382,39 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
     if not isinstance(source, DataSource):
         raise OptionsError(f"blocks is a {type(blocks).__name__}; give a (n, seq_len) token "
                            "tensor or a qaft.data.DataSource (seq_len, num_blocks, batches)")
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise OptionsError("mixed_precision fp16 needs a CUDA GPU (its loss scaling is CUDA's); "
-                           "use bf16 or no")
-    if checkpoint_dir is None and (resume or config.checkpoint_every):
-        raise OptionsError("resume and checkpoint_every need checkpoint_dir= to read and write "
-                           "checkpoints")
+    if checkpoint_dir is None and (resume or config.checkpoint_every or branch_from):
+        raise OptionsError("resume, checkpoint_every and branch_from need checkpoint_dir= to "
+                           "read and write checkpoints")
     latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
     if latest is not None and not resume:
         raise OptionsError(f"{checkpoint_dir} already holds the checkpoint {latest.name}; pass "
                            "resume=True to continue that run, or use an empty checkpoint_dir")
+    branching = branch_from is not None and latest is None
+    if branching:
+        latest = Path(branch_from)
+        if not (latest / "train.json").is_file():
+            raise OptionsError(f"branch_from={branch_from} is not a training checkpoint (no "
+                               "train.json); give a step-* folder written by a run with "
+                               "checkpoint_dir")
     references = _local_references(model, local_inputs, local_reference)
     _check_extras(model, config, teacher, validate_fn)
     kd, validating = config.loss == "kd", config.validate_every > 0
 
     # Without an accelerator, cpu=True is what lets accelerate run several CPU processes (gloo)
     on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    _fresh_accelerator_state(config.mixed_precision)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=on_cpu,
+    # accelerate runs fp16 on a CPU silently in float32: that case is torch's autocast here
+    cpu_fp16 = on_cpu and config.mixed_precision == "fp16"
+    precision = "no" if cpu_fp16 else config.mixed_precision
+    _fresh_accelerator_state(precision)
+    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu,
                               gradient_accumulation_steps=config.grad_accum)
+    if cpu_fp16:
+        scaler = torch.amp.GradScaler("cpu")
+        autocast = lambda: torch.autocast("cpu", dtype=torch.float16)  # noqa: E731
+        student_autocast = autocast
+    else:  # accelerate's prepared model autocasts its own forward
+        scaler, autocast, student_autocast = accelerator.scaler, accelerator.autocast, \
+            contextlib.nullcontext
     world, rank = accelerator.num_processes, accelerator.process_index
     seq_len = source.seq_len
     per_step = config.batch_size * world  # blocks per micro-step across processes
@@ -370,9 +431,14 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
     saved_rng = None
     # validation: the best value, its step and trainable state, validations since, stopped?
     best_val, best_step, best_state, bad_evals, stopped_early = None, None, None, 0, False
+    origin = str(latest) if branching else None
     if latest is not None:
         meta = checkpoint_meta(latest)
-        _check_resumable(meta, config, world, source, latest)  # before touching the model
+        if branching:  # before touching the model
+            _check_branchable(meta, config, world, source, latest, per_step, total_steps)
+        else:
+            _check_resumable(meta, config, world, source, latest)
+            origin = meta.get("branched_from")
         tensors = load_checkpoint(latest, model)
         optimizer.load_state_dict(tensors["optimizer"])
         scheduler.load_state_dict(tensors["scheduler"])
@@ -380,7 +446,10 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
         tokens, elapsed, history = meta["tokens_processed"], meta["seconds"], meta["history"]
         seen = set(tensors["seen"].tolist())
         saved_rng = tensors["rng"][rank]
-        if validating:
+        if branching:  # the branch's own rate from its first step on (the parent set its own)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lr_factor(step, total_steps, config)
+        if validating and not branching:
             best = meta["best"]
             best_val, best_step, bad_evals = best["val_nll"], best["step"], best["bad_evals"]
             stopped_early, best_state = best["stopped_early"], tensors.get("best")
@@ -389,8 +458,8 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
     # the scheduler stays outside accelerate, which would step it once per process
     model, prepared_optimizer = accelerator.prepare(model, optimizer)
     if latest is not None:
-        if accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(tensors["scaler"])
+        if scaler is not None and "scaler" in tensors:
+            scaler.load_state_dict(tensors["scaler"])
         set_rng_state(saved_rng, accelerator.device)  # last, after anything that might draw
     if teacher is not None:
         teacher.eval().to(accelerator.device)
@@ -418,9 +487,9 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
         if accelerator.is_main_process:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "rng": rngs, "seen": torch.tensor(sorted(seen), dtype=torch.long)}
-            if accelerator.scaler is not None:
-                state["scaler"] = accelerator.scaler.state_dict()
-            meta = {"config": asdict(config), "world_size": world,
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            meta = {"config": asdict(config), "world_size": world, "branched_from": origin,
                     "data": [source.num_blocks, seq_len], "step": step, "epoch": epoch,
                     "next_batch": batch_index, "tokens_processed": tokens,
                     "seconds": elapsed + time.perf_counter() - t0, "history": history}
@@ -450,17 +519,25 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
                 mine = mine.to(accelerator.device)
                 with accelerator.accumulate(model):
                     if kd:
-                        logits = model(input_ids=mine, use_cache=False).logits
-                        with torch.no_grad(), accelerator.autocast():
+                        with student_autocast():
+                            logits = model(input_ids=mine, use_cache=False).logits
+                        with torch.no_grad(), autocast():
                             target = teacher(input_ids=mine, use_cache=False).logits
                         loss = kd_loss(logits, target)
                         nll = causal_nll(logits.detach(), mine)
                     else:
-                        loss = model(input_ids=mine, labels=mine, use_cache=False).loss
-                    accelerator.backward(loss)
+                        with student_autocast():
+                            loss = model(input_ids=mine, labels=mine, use_cache=False).loss
+                    accelerator.backward(scaler.scale(loss) if cpu_fp16 else loss)
+                    if cpu_fp16 and accelerator.sync_gradients:
+                        scaler.unscale_(optimizer)  # clip and step on the true gradients
                     if accelerator.sync_gradients and config.grad_clip > 0:
                         accelerator.clip_grad_norm_(params, config.grad_clip)
-                    prepared_optimizer.step()
+                    if not cpu_fp16:
+                        prepared_optimizer.step()
+                    elif accelerator.sync_gradients:
+                        scaler.step(optimizer)  # skipped when the gradients overflowed
+                        scaler.update()
                     if accelerator.sync_gradients:
                         scheduler.step()
                     prepared_optimizer.zero_grad()

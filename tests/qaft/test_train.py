@@ -145,13 +145,6 @@ def test_budgets_and_options_are_validated():
     assert TrainConfig(grad_clip=0.0).grad_clip == 0.0  # 0 is "off", not an error
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed with CUDA")
-def test_fp16_without_cuda_is_refused():
-    with pytest.raises(OptionsError, match="bf16 or no"):
-        finetune(tiny_model("llama"), blocks(), TrainConfig(mixed_precision="fp16"),
-                 progress=False)
-
-
 def test_no_weight_decay_on_biases_norms_embeddings_and_lsq_scales():
     model = tiny_model("llama", tie_word_embeddings=True)
     name = "model.layers.0.mlp.down_proj"
