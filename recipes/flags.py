@@ -21,7 +21,7 @@ import typing
 from ptq.errors import OptionsError
 
 __all__ = ["field_types", "coerce", "add_dataclass_flags", "given_fields", "from_args",
-           "from_mapping", "flag_name"]
+           "from_mapping", "flag_name", "load_preset_config"]
 
 
 def field_types(cls) -> dict[str, object]:
@@ -177,3 +177,40 @@ def from_mapping(cls, mapping: dict, where: str, *, allowed_extra=()):
         return cls(**values)
     except TypeError as e:
         raise OptionsError(f"{where}: {e}") from None
+
+
+def load_preset_config(cls, presets: dict[str, dict], preset: str, yaml_path=None,
+                       overrides: dict | None = None, *, example: str = "a recipe file",
+                       error: type[Exception] = OptionsError):
+    """A recipe's config: the preset's values, then the YAML file's, then `overrides` (the flags
+    given). A YAML file is a mapping of the dataclass's field names (plus an optional `preset`),
+    read with yaml.safe_load; an unknown key is an error (of class `error`) naming the known
+    ones."""
+    from pathlib import Path
+
+    if preset not in presets:
+        raise error(f"unknown preset {preset!r}; known: {sorted(presets)}")
+    types = field_types(cls)
+    values = {}
+    if yaml_path is not None:
+        import yaml
+
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise error(f"--config {path}: no such file; give the path of a YAML recipe "
+                               f"file (e.g. {example})")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise error(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the "
+                               "file") from None
+        if not isinstance(loaded, dict):
+            raise error(f"{path}: a recipe file is a mapping of config keys")
+        unknown = sorted(set(loaded) - set(types) - {"preset"})
+        if unknown:
+            raise error(f"{path}: unknown key(s) {unknown}; known: {sorted(types)}")
+        preset = loaded.pop("preset", preset)
+        if preset not in presets:
+            raise error(f"{path}: unknown preset {preset!r}; known: {sorted(presets)}")
+        values = {k: coerce(v, types[k], f"{path}: {k}") for k, v in loaded.items()}
+    return cls(**{**presets[preset], **values, **(overrides or {})})

@@ -16,7 +16,7 @@ from ptq.formats import parse_spec
 from ptq.gptq import GPTQOptions
 from ptq.registry import available_methods
 from recipes.common import ConfigError
-from recipes.flags import add_dataclass_flags, coerce, field_types
+from recipes.flags import add_dataclass_flags, coerce, field_types, load_preset_config
 
 QAFT_ARMS = {"qaft": "rtn", "qaft-mse": "mse", "qaft-gptq": "gptq"}  # method -> QAFT init
 
@@ -186,32 +186,9 @@ def parse_variant(text: str, granularity: str) -> tuple[GPTQOptions, str]:
 
 def load_config(preset: str = "quick", yaml_path: Path | None = None,
                 overrides: dict | None = None) -> MisalignmentConfig:
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-    types = field_types(MisalignmentConfig)
-    values = {}
-    if yaml_path is not None:
-        import yaml
-
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file; give the path of a YAML recipe "
-                              "file (e.g. recipes/examples/misalignment-int3.yaml)")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the "
-                              "file") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a recipe file is a mapping of config keys")
-        unknown = sorted(set(loaded) - set(types) - {"preset"})
-        if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(types)}")
-        preset = loaded.pop("preset", preset)
-        if preset not in PRESETS:
-            raise ConfigError(f"{path}: unknown preset {preset!r}; known: {sorted(PRESETS)}")
-        values = {k: coerce(v, types[k], f"{path}: {k}") for k, v in loaded.items()}
-    return MisalignmentConfig(**{**PRESETS[preset], **values, **(overrides or {})})
+    return load_preset_config(MisalignmentConfig, PRESETS, preset, yaml_path, overrides,
+                              example="recipes/examples/misalignment-int3.yaml",
+                              error=ConfigError)
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
