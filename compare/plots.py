@@ -7,14 +7,17 @@ from pathlib import Path
 __all__ = ["new_figure", "save_figure"]
 
 
-def new_figure(width: float = 5.5, height: float = 3.8, ncols: int = 1):
-    """(figure, axes): one Axes, or a list of `ncols` side by side when ncols > 1."""
+def new_figure(width: float = 5.5, height: float = 3.8, ncols: int = 1, nrows: int = 1):
+    """(figure, axes): one Axes, a list of `ncols` side by side when ncols > 1, or with nrows > 1
+    a list of rows, each a list of ncols Axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
+    if nrows > 1:
+        return fig, [list(row) for row in axes]
     return fig, (axes[0, 0] if ncols == 1 else list(axes[0]))
 
 

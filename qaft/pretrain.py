@@ -41,7 +41,7 @@ from .train import TrainConfig, TrainResult, finetune
 
 __all__ = ["ModelShape", "SIZES", "ModelConfig", "train_tokenizer", "build_model",
            "parameter_count", "train_blocks", "unigram_nll", "pretrain", "PretrainResult",
-           "finished", "REPORT"]
+           "finished", "check_memory", "REPORT"]
 
 REPORT = "qalign-pretrain.json"
 SPECIAL = "<|endoftext|>"
@@ -162,13 +162,15 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def _check_memory(cfg: ModelConfig, params: int, batch_size: int) -> None:
-    """Refuse a run whose weights, gradients, AdamW state and activations clearly exceed RAM."""
-    shape = cfg.shape
+def check_memory(cfg: ModelConfig, batch_size: int) -> None:
+    """Refuse a run whose weights, gradients, AdamW state and activations clearly exceed RAM
+    (checked from the config alone, before a tokenizer or model exists)."""
+    shape, V = cfg.shape, cfg.vocab_size
+    h, L, i = shape.hidden_size, shape.num_layers, shape.intermediate_size
+    params = V * h + L * (4 * h * h + 3 * h * i + 2 * h) + h  # tied embeddings
     # fp32 weights + grads + two AdamW moments; activations ~ 40 floats per hidden unit per
     # token per block, plus the logits and their gradient
-    need = 16 * params + 4 * batch_size * cfg.seq_len * (
-        40 * shape.hidden_size * shape.num_layers + 3 * cfg.vocab_size)
+    need = 16 * params + 4 * batch_size * cfg.seq_len * (40 * h * L + 3 * V)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > 0.8 * total:
         raise OptionsError(f"this model ({params / 1e6:.1f}M parameters, batch {batch_size} x "
@@ -223,9 +225,9 @@ def pretrain(out: str | os.PathLike, text: TextSplits, tokenizer, model_cfg: Mod
                            "max_steps) and leave epochs at 1")
     blocks = train_blocks(tokenize(tokenizer, text.train), model_cfg.seq_len)
     windows, _ = heldout_windows(tokenizer, text, model_cfg.seq_len, eval_tokens)
+    check_memory(model_cfg, train_cfg.batch_size)
     model = build_model(model_cfg, tokenizer)
     params = parameter_count(model)
-    _check_memory(model_cfg, params, train_cfg.batch_size)
     step_tokens = train_cfg.batch_size * train_cfg.grad_accum * model_cfg.seq_len
     steps = train_cfg.max_steps or train_cfg.max_tokens // step_tokens
     epochs = steps * step_tokens / blocks.numel()

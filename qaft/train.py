@@ -587,7 +587,10 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
                     raise OptionsError(f"the data source gave no full batch of {per_step} blocks "
                                        f"in epoch {epoch}; give more blocks or a smaller batch")
                 epoch, batch_index = epoch + 1, 0
-    model = accelerator.unwrap_model(model)
+    # without accelerate's autocast wrapper: the trained model computes in its own dtype after
+    # training, like any model (evaluating it in float32 under a leftover bf16 autocast would
+    # report a bf16 loss as the float32 model's)
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if validating and config.restore_best and best_state is not None:
         _load_trainable_state(model, best_state)
     model.eval()

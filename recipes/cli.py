@@ -29,7 +29,8 @@ from ptq.checkpoint import save_quantized
 from ptq.export import check_compressed_tensors_spec, save_compressed_tensors
 from ptq.errors import OptionsError, QalignError
 from ptq.formats import parse_spec
-from recipes import misalignment, ptq_table, same_budget
+from recipes import (misalignment, optimizer_choices, ptq_table, same_budget,
+                     training_dynamics)
 from recipes.common import at_least, out_file, out_folder, resolve_device, versions
 from recipes.flags import given_fields
 from recipes.pretrain import add_pretrain_flags, cmd_pretrain
@@ -37,7 +38,8 @@ from recipes.finetune import add_finetune_flags, check_finetune_run, finetune_se
 from recipes.quantization import (CalibConfig, add_calib_flags, add_method_flags, calib_config,
                                   layer_table, method_options, run_ptq)
 
-RECIPES = {"misalignment": misalignment, "ptq-table": ptq_table, "same-budget": same_budget}
+RECIPES = {"misalignment": misalignment, "ptq-table": ptq_table, "same-budget": same_budget,
+           "training-dynamics": training_dynamics, "optimizer-choices": optimizer_choices}
 
 
 def _model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:

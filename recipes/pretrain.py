@@ -17,7 +17,7 @@ import argparse
 from compare.data import load_text
 from compare.models import load_model, load_tokenizer
 from ptq.errors import OptionsError
-from qaft.pretrain import ModelConfig, finished, pretrain, train_tokenizer
+from qaft.pretrain import ModelConfig, check_memory, finished, pretrain, train_tokenizer
 from qaft.train import TrainConfig
 from recipes.common import at_least, out_folder
 from recipes.flags import add_dataclass_flags, from_args
@@ -73,6 +73,7 @@ def cmd_pretrain(args) -> None:
         raise OptionsError(f"--tokens {args.tokens} is less than one optimizer step of "
                            f"{step_tokens} tokens (--batch-size x --grad-accum x --seq-len); "
                            "raise --tokens")
+    check_memory(model_cfg, train_cfg.batch_size)
     text = load_text(args.data)
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)

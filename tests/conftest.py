@@ -34,17 +34,10 @@ def text_file(tmp_path):
 
 
 def make_tokenizer(texts: list[str], vocab_size: int = 300):
-    """A small byte-level BPE tokenizer trained with `tokenizers`, as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A small byte-level BPE tokenizer trained on `texts`, as `qalign pretrain` trains one."""
+    from qaft.pretrain import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return train_tokenizer("\n\n".join(texts), vocab_size)
 
 
 @pytest.fixture

@@ -82,3 +82,14 @@ def test_fp16_autocast_runs_on_a_cpu_with_a_gradient_scaler(tmp_path):
     assert fp16.history[-1]["loss"] < fp16.history[0]["loss"]
     state = torch.load(tmp_path / "a" / "step-000006" / "state.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0  # the scaler's state is part of the checkpoint
+
+
+def test_a_model_trained_in_bf16_autocast_is_returned_as_a_plain_float32_model(tmp_path):
+    res, model = train(TrainConfig(**BASE, max_steps=2, mixed_precision="bf16"), tmp_path)
+    ids = data()[:2]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        plain = tiny_model("llama", seed=2, attention_dropout=0.2)
+        plain.load_state_dict(model.state_dict())
+        assert logits.dtype == torch.float32
+        assert torch.equal(logits, plain(input_ids=ids).logits)  # no autocast left behind
