@@ -37,6 +37,7 @@ from compare.evaluate import evaluate_nll, heldout_windows
 from compare.io import write_json
 from ptq.errors import OptionsError
 
+from .checkpoints import checkpoint_meta
 from .train import TrainConfig, TrainResult, finetune
 
 __all__ = ["ModelShape", "SIZES", "ModelConfig", "train_tokenizer", "build_model",
@@ -223,13 +224,22 @@ def pretrain(out: str | os.PathLike, text: TextSplits, tokenizer, model_cfg: Mod
     if train_cfg.epochs != 1 or not (train_cfg.max_tokens or train_cfg.max_steps):
         raise OptionsError("pretraining is budgeted in tokens or steps: set max_tokens (or "
                            "max_steps) and leave epochs at 1")
+    step_tokens = train_cfg.batch_size * train_cfg.grad_accum * model_cfg.seq_len
+    steps = train_cfg.max_steps or train_cfg.max_tokens // step_tokens
+    if branch_from is not None:  # before anything is written (qaft.train checks the rest)
+        if not (Path(branch_from) / "train.json").is_file():
+            raise OptionsError(f"branch_from={branch_from} is not a training checkpoint (no "
+                               "train.json); give a step-* folder of a run's checkpoints")
+        at = checkpoint_meta(branch_from)["step"]
+        if at >= steps:
+            raise OptionsError(f"the branch point {branch_from} is at step {at}, at or after "
+                               f"the end of this run ({steps} steps of {step_tokens} tokens); "
+                               "give the branch a budget beyond its branch point")
     blocks = train_blocks(tokenize(tokenizer, text.train), model_cfg.seq_len)
     windows, _ = heldout_windows(tokenizer, text, model_cfg.seq_len, eval_tokens)
     check_memory(model_cfg, train_cfg.batch_size)
     model = build_model(model_cfg, tokenizer)
     params = parameter_count(model)
-    step_tokens = train_cfg.batch_size * train_cfg.grad_accum * model_cfg.seq_len
-    steps = train_cfg.max_steps or train_cfg.max_tokens // step_tokens
     epochs = steps * step_tokens / blocks.numel()
     if epochs > 1 and progress:
         print(f"qaft.pretrain: {steps * step_tokens:,} tokens are {epochs:.2f} epochs of the "

@@ -113,7 +113,22 @@ def case(entry, argv, fix, *, id, out="new", loads="nothing", usage=False, marks
     return pytest.param(entry, argv, fixes, out, loads, usage, id=id, marks=marks)
 
 
+PT = ["pretrain", "--data", "{data}", "--vocab-size", "300", "--seq-len", "16", "--out", "{out}"]
 CLI_CASES = [
+    # small-model pretraining and the training recipes
+    case("qalign", PT + ["--size", "huge"], "use one of 1m, 3m, 8m, 20m", id="pretrain-size"),
+    case("qalign", PT + ["--width", "8192", "--depth", "48"], "choose a smaller size",
+         id="pretrain-too-big-for-memory"),
+    case("qalign", PT + ["--tokens", "100"], "raise --tokens", id="pretrain-tokens-below-a-step"),
+    case("qalign", PT + ["--branch-from", "{data}"], "is not a training checkpoint",
+         id="pretrain-branch-from-not-a-checkpoint", loads="text"),
+    case("qalign", ["recipe", "training-dynamics", "--out", "{out}", "--cooldown-at", "1.5"],
+         "a cooldown cannot branch after the end of training", id="dynamics-branch-after-end"),
+    case("qalign", ["recipe", "training-dynamics", "--out", "{out}", "--lawa-window", "40"],
+         "shorten the window or lower checkpoint_every", id="dynamics-lawa-window"),
+    case("qalign", ["recipe", "optimizer-choices", "--out", "{out}", "--variants",
+                    "momentum=0.9"], "KEY one of ['dropout', 'grad_clip'",
+         id="choices-unknown-factor"),
     # specs
     case("qalign", Q + ["--spec", "int9"], "write int{b}[-sym] (b in 2..8)", id="spec-int9"),
     case("qalign", Q + ["--spec", "int3-g0"], "-ch", id="spec-g0"),

@@ -86,7 +86,20 @@ def test_optimizer_choices_end_to_end(corpus, tmp_path):
     assert "bf16 training helps" in (tmp_path / "report.md").read_text()
 
 
-def test_configs_refuse_what_cannot_run():
+def test_configs_refuse_what_cannot_run(tmp_path):
+    from recipes import optimizer_choices, training_dynamics
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 100\nwarmup: 3\n")
+    for module in (training_dynamics, optimizer_choices):
+        args = module.build_parser().parse_args(["--config", str(bad)])
+        with pytest.raises(ConfigError, match=r"unknown key\(s\) \['warmup'\]; known: "):
+            module.config_from_args(args)
+    good = tmp_path / "good.yaml"
+    good.write_text("preset: cpu\nsteps: 100\npeak_lrs: [1e-3]\n")
+    args = training_dynamics.build_parser().parse_args(["--config", str(good), "--steps", "200"])
+    cfg = training_dynamics.config_from_args(args)
+    assert cfg.steps == 200 and cfg.peak_lrs == (1e-3,)  # flags win over the file
     for kw, fix in [(dict(cooldown_at=(1.5,)), "cannot branch after the end of training"),
                     (dict(lawa_window=40), "shorten the window"),
                     (dict(focus="gptq:int2-g64"), "must be one of settings"),
