@@ -1,10 +1,12 @@
-"""The `qalign` command line: prepare, quantize, eval, finetune, methods, pretrain, recipe.
+"""The `qalign` command line: prepare, quantize, eval, finetune, methods, pretrain, fp-law,
+recipe.
 
     qalign prepare                      # embedded model and text, offline
     qalign quantize --spec int3-g64 --method gptq --out runs/gptq-int3
     qalign eval --model runs/gptq-int3
     qalign methods                      # every registered PTQ method, plug-ins included
     qalign pretrain --size 1m --tokens 200000 --out runs/tiny   # a small model of our own
+    qalign fp-law --bits 8 --params 1e9 --block 128             # paper C's law
     qalign recipe misalignment --preset quick --out results/misalignment
 
 Every command validates its whole configuration (spec, options, output folder, device) before it
@@ -33,6 +35,7 @@ from recipes import (misalignment, optimizer_choices, ptq_table, same_budget,
                      training_dynamics)
 from recipes.common import at_least, out_file, out_folder, resolve_device, versions
 from recipes.flags import given_fields
+from recipes.fp_law import add_law_flags, cmd_fp_law
 from recipes.pretrain import add_pretrain_flags, cmd_pretrain
 from recipes.finetune import add_finetune_flags, check_finetune_run, finetune_setup, run_finetune
 from recipes.quantization import (CalibConfig, add_calib_flags, add_method_flags, calib_config,
@@ -339,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "as a model folder that every qalign command loads.")
     add_pretrain_flags(s)
     s.set_defaults(fn=cmd_pretrain)
+
+    s = sub.add_parser("fp-law", help="paper C's scaling law for a format, N, D and B",
+                       description="Predicted loss, best exponent/mantissa split and critical "
+                                   "data size of floating-point quantized training (Sun et al. "
+                                   "2025), with the published constants.")
+    add_law_flags(s)
+    s.set_defaults(fn=cmd_fp_law)
 
     s = sub.add_parser("recipe", help="run an experiment recipe",
                        description="Run a recipe; `qalign recipe NAME --help` lists its flags.")
