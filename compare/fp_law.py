@@ -14,8 +14,10 @@ Derived:
   cost_optimal(C)   the precision P minimizing the loss at a compute cost C = N D P (the paper's
                     cost, in parameter x token x bit units), over N (D = C / (N P)) and each
                     P's best layout
-  fit(runs)         least squares of the loss over a table of runs (scipy), with bounds; a table
-                    that cannot identify the constants asked for is an error naming what to vary
+  fit(runs)         least squares of the loss over a table of runs (scipy), with bounds (every
+                    constant positive, exponents below 5); constants the bounds stop are
+                    reported (`at_bounds`); a table that cannot identify the others is an error
+                    naming what to vary
 """
 
 from __future__ import annotations
@@ -97,10 +99,11 @@ class FitResult:
     fitted: tuple[str, ...]
     rmse: float  # nats
     n_runs: int
+    at_bounds: tuple[str, ...] = ()  # fitted constants the bounds stopped (e.g. eps at 0)
 
     def to_dict(self) -> dict:
         return {"constants": asdict(self.constants), "fitted": list(self.fitted),
-                "rmse": self.rmse, "n_runs": self.n_runs}
+                "rmse": self.rmse, "n_runs": self.n_runs, "at_bounds": list(self.at_bounds)}
 
 
 _NAMES = tuple(f.name for f in fields(LawConstants))
@@ -137,16 +140,22 @@ def fit(runs: list[dict], *, free: tuple[str, ...] = _NAMES,
         c = consts(x)
         return predict(cols["N"], cols["D"], cols["E"], cols["M"], cols["B"], c) - cols["loss"]
 
-    res = least_squares(residual, x0, bounds=(np.full(len(free), 1e-12), upper),
-                        x_scale="jac", max_nfev=20000)
-    # identifiability: a direction of the constants that leaves every prediction unchanged
-    J = res.jac * np.maximum(np.abs(res.x), 1e-12)  # relative sensitivities
-    sv = np.linalg.svd(J, compute_uv=False)
-    if sv.size == 0 or sv[-1] < 1e-8 * max(sv[0], 1e-300):
+    lower = np.full(len(free), 1e-12)
+    res = least_squares(residual, x0, bounds=(lower, upper), x_scale="jac", max_nfev=20000)
+    # a constant the bounds stopped is set by them (eps at 0: the runs ask for less than 0)
+    tol = 1e-8 * np.maximum(np.abs(x0), 1.0)
+    bound = (res.x - lower <= tol) | (upper - res.x <= tol)
+    at_bounds = tuple(f for f, b in zip(free, bound) if b)
+    inner = [i for i in range(len(free)) if not bound[i]]
+    # identifiability of the rest: a direction of the constants that leaves every prediction
+    # unchanged
+    J = (res.jac * np.maximum(np.abs(res.x), 1e-12))[:, inner]  # relative sensitivities
+    sv = np.linalg.svd(J, compute_uv=False) if inner else np.ones(1)
+    if sv[-1] < 1e-8 * max(sv[0], 1e-300):
         _, _, vt = np.linalg.svd(J)
-        weak = [free[i] for i in np.argsort(-np.abs(vt[-1]))[:2]]
+        weak = [free[inner[i]] for i in np.argsort(-np.abs(vt[-1]))[:2]]
         raise OptionsError(f"the runs cannot identify {' and '.join(weak)}: vary "
                            f"{' and '.join(dict.fromkeys(_NEEDS[w] for w in weak))} across the "
                            "runs, or keep them fixed (leave them out of free)")
     rmse = float(np.sqrt(np.mean(res.fun ** 2)))
-    return FitResult(consts(res.x), tuple(free), rmse, len(runs))
+    return FitResult(consts(res.x), tuple(free), rmse, len(runs), at_bounds)

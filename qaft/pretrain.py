@@ -38,6 +38,7 @@ from compare.io import write_json
 from ptq.errors import OptionsError
 
 from .checkpoints import checkpoint_meta
+from .fp_train import QTrainConfig, prepare_qtrain, restore_linears
 from .train import TrainConfig, TrainResult, finetune
 
 __all__ = ["ModelShape", "SIZES", "ModelConfig", "train_tokenizer", "build_model",
@@ -211,7 +212,7 @@ def pretrain(out: str | os.PathLike, text: TextSplits, tokenizer, model_cfg: Mod
              train_cfg: TrainConfig, *, resume: bool = False,
              branch_from: str | os.PathLike | None = None, eval_fn=None,
              eval_tokens: int = 16384, progress: bool = True,
-             extra: dict | None = None) -> PretrainResult:
+             qtrain: QTrainConfig | None = None, extra: dict | None = None) -> PretrainResult:
     """Train `model_cfg`'s model on text.train as `train_cfg` says (its max_tokens or max_steps
     is the budget) and write OUT as a transformers model folder with its tokenizer and
     qalign-pretrain.json (configs, history, parameters, seconds, the held-out NLL on eval_tokens
@@ -219,7 +220,10 @@ def pretrain(out: str | os.PathLike, text: TextSplits, tokenizer, model_cfg: Mod
 
     Checkpoints go to OUT/checkpoints; resume continues the latest; branch_from starts at another
     run's checkpoint with this schedule (see qaft.train). eval_fn(model) -> float or dict is
-    recorded every train_cfg.eval_every steps."""
+    recorded every train_cfg.eval_every steps. qtrain: quantized training (paper C,
+    `qaft.fp_train`): the decoder blocks' linear layers compute with rounded GEMM inputs; the
+    saved model is plain, and heldout_nll is measured as trained (forward rounding on) with
+    heldout_nll_plain beside it."""
     out = Path(out)
     if train_cfg.epochs != 1 or not (train_cfg.max_tokens or train_cfg.max_steps):
         raise OptionsError("pretraining is budgeted in tokens or steps: set max_tokens (or "
@@ -240,6 +244,8 @@ def pretrain(out: str | os.PathLike, text: TextSplits, tokenizer, model_cfg: Mod
     check_memory(model_cfg, train_cfg.batch_size)
     model = build_model(model_cfg, tokenizer)
     params = parameter_count(model)
+    if qtrain is not None:
+        prepare_qtrain(model, qtrain)
     epochs = steps * step_tokens / blocks.numel()
     if epochs > 1 and progress:
         print(f"qaft.pretrain: {steps * step_tokens:,} tokens are {epochs:.2f} epochs of the "
@@ -249,15 +255,20 @@ def pretrain(out: str | os.PathLike, text: TextSplits, tokenizer, model_cfg: Mod
     result = finetune(model, blocks, train_cfg, checkpoint_dir=out / "checkpoints",
                       resume=resume, branch_from=branch_from, eval_fn=eval_fn,
                       progress=progress)
-    model.save_pretrained(out)
     heldout = evaluate_nll(model, windows, batch_size=8, progress=False).nll
+    plain = {}
+    if qtrain is not None:
+        restore_linears(model)
+        plain = {"qtrain": asdict(qtrain), "heldout_nll_plain": evaluate_nll(
+            model, windows, batch_size=8, progress=False).nll}
+    model.save_pretrained(out)
     unigram = unigram_nll(blocks, windows, len(tokenizer))
     report = {"model": asdict(model_cfg), "shape": asdict(model_cfg.shape), "parameters": params,
               "train": asdict(train_cfg), "text": text.name, "train_tokens": blocks.numel(),
               "epochs": epochs, "steps": result.steps, "tokens_processed": result.tokens_processed,
               "seconds": result.seconds, "heldout_nll": heldout, "unigram_nll": unigram,
               "eval_tokens": windows.numel(), "branched_from": None if branch_from is None
-              else str(branch_from), "history": result.history, **(extra or {})}
+              else str(branch_from), "history": result.history, **plain, **(extra or {})}
     write_json(out / REPORT, report)  # last: its presence marks a finished run
     return PretrainResult(out, params, result, epochs, heldout, unigram)
 

@@ -31,7 +31,7 @@ from ptq.checkpoint import save_quantized
 from ptq.export import check_compressed_tensors_spec, save_compressed_tensors
 from ptq.errors import OptionsError, QalignError
 from ptq.formats import parse_spec
-from recipes import (misalignment, optimizer_choices, ptq_table, same_budget,
+from recipes import (fp_scaling, misalignment, optimizer_choices, ptq_table, same_budget,
                      training_dynamics)
 from recipes.common import at_least, out_file, out_folder, resolve_device, versions
 from recipes.flags import given_fields
@@ -42,7 +42,8 @@ from recipes.quantization import (CalibConfig, add_calib_flags, add_method_flags
                                   layer_table, method_options, run_ptq)
 
 RECIPES = {"misalignment": misalignment, "ptq-table": ptq_table, "same-budget": same_budget,
-           "training-dynamics": training_dynamics, "optimizer-choices": optimizer_choices}
+           "training-dynamics": training_dynamics, "optimizer-choices": optimizer_choices,
+           "fp-scaling": fp_scaling}
 
 
 def _model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:

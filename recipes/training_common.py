@@ -19,6 +19,7 @@ from compare.evaluate import evaluate_nll, heldout_windows
 from compare.models import load_tokenizer
 from compare.robustness import parse_setting, quantized_nll, relative_increase
 from qaft.averaging import load_average
+from qaft.fp_train import QTrainConfig
 from qaft.pretrain import ModelConfig, build_model, finished, pretrain, train_tokenizer
 from qaft.train import TrainConfig
 from recipes.common import ConfigError
@@ -50,20 +51,21 @@ class Workbench:
         self._models: dict[str, torch.nn.Module] = {}
 
     def train(self, run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
-              branch_from: Path | None = None) -> dict:
+              branch_from: Path | None = None, qtrain: QTrainConfig | None = None) -> dict:
         """The report of the run in run_dir: read if finished, else trained (resumed from its
         last checkpoint when it has one)."""
         report = finished(run_dir)
         if report is not None:
-            mine = json.loads(json.dumps({"model": asdict(model_cfg), "train": asdict(train_cfg)}))
-            if {k: report[k] for k in mine} != mine:
+            mine = json.loads(json.dumps({"model": asdict(model_cfg), "train": asdict(train_cfg),
+                                          "qtrain": asdict(qtrain) if qtrain else None}))
+            if {k: report.get(k) for k in mine} != mine:
                 raise ConfigError(f"{run_dir} holds a run trained under another model or "
                                   "training config; use another --out, or delete that folder "
                                   "to retrain it")
         else:
             pretrain(run_dir, self.text, self.tokenizer, model_cfg, train_cfg, resume=True,
                      branch_from=branch_from, eval_tokens=self.windows.numel(),
-                     progress=self.progress)
+                     progress=self.progress, qtrain=qtrain)
             report = finished(run_dir)
         return report
 

@@ -70,3 +70,11 @@ def test_the_command_names_the_layout_and_the_critical_data_size(capsys):
 
     r = json.loads(capsys.readouterr().out)
     assert r["format"] == "E8M7" and r["D_crit"] == pytest.approx(1730e12, rel=0.02)
+
+
+def test_a_constant_the_runs_push_below_zero_stops_at_its_bound():
+    runs = grid_runs()
+    for r in runs:
+        r["loss"] -= 2.5  # below what any eps >= 0 can reach
+    res = fit(runs, free=("n", "d", "eps"))
+    assert res.at_bounds == ("eps",) and res.constants.eps < 1e-6

@@ -133,3 +133,27 @@ def test_a_finished_run_of_another_config_is_refused(corpus, tmp_path):
     plain = evaluate_nll(bench.load(bench.model(model), tmp_path / "r" / "checkpoints" /
                                     "step-000002"), bench.windows, progress=False).nll
     assert row["fp_nll"] == plain
+
+
+def test_fp_scaling_end_to_end(corpus, tmp_path):
+    from recipes.fp_scaling import FPScalingConfig, plan as fp_plan, run_recipe as run_fp
+
+    cfg = FPScalingConfig(data=corpus, vocab_size=300, seq_len=32, batch_size=4,
+                          sizes=("w32d1", "w64d1"), tokens=(1024, 2048),
+                          formats=("e2m1", "e4m3", "e1m2"), blocks=(16, 32),
+                          ptq_settings=("rtn:e2m1-g16", "gptq:e4m3-g16"), calib_samples=4,
+                          eval_tokens=512, fit_free=("n", "d", "eps"))
+    assert len(fp_plan(cfg)) == 24
+    state = run_fp(cfg, tmp_path, progress=False)
+    runs = state["runs"]
+    r = runs["w64d1-D2048-e2m1-B16"]
+    assert (r["E"], r["M"], r["B"], r["D"]) == (2, 1, 16, 2048)
+    # W rounded in the forward to e2m1 with blocks of 16 along its inputs is RTN e2m1-g16
+    assert r["loss"] == pytest.approx(r["ptq"]["ptq"]["rtn:e2m1-g16"], abs=1e-9)
+    assert r["loss"] != r["loss_plain"]
+    assert state["fit"] is not None and state["fit"]["n_runs"] == 24
+    assert set(state["fit"]["fitted"]) == {"n", "d", "eps"}
+    report = (tmp_path / "report.md").read_text()
+    assert "| eps |" in report and "published" in report
+    for name in ("predicted_vs_actual.png", "loss_vs_tokens.png", "best_split.png", "runs.csv"):
+        assert (tmp_path / name).is_file()
