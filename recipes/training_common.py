@@ -20,9 +20,10 @@ from compare.models import load_tokenizer
 from compare.robustness import parse_setting, quantized_nll, relative_increase
 from qaft.averaging import load_average
 from qaft.fp_train import QTrainConfig
-from qaft.pretrain import ModelConfig, build_model, finished, pretrain, train_tokenizer
+from qaft.pretrain import ModelConfig, build_model, train_tokenizer
 from qaft.train import TrainConfig
 from recipes.common import ConfigError
+from recipes.pretrain import finished, pretrain
 
 __all__ = ["Workbench", "settings_of"]
 

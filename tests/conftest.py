@@ -23,6 +23,21 @@ def _sentences(n: int, seed: int) -> list[str]:
     return out
 
 
+def markov_text(n_words, seed):
+    """English-like words from a sparse bigram chain: easy to learn, far from unigram."""
+    g = torch.Generator().manual_seed(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "red", "house",
+             "with", "big", "old", "tree"]
+    nxt = torch.randint(0, len(words), (len(words), 2), generator=torch.Generator().manual_seed(0))
+    out, w = [], 0
+    for i in range(n_words):
+        out.append(words[w])
+        w = int(nxt[w, torch.randint(0, 2, (1,), generator=g)])
+        if i % 40 == 39:
+            out.append("\n\n")
+    return " ".join(out)
+
+
 @pytest.fixture
 def text_file(tmp_path):
     """A local text file of 60 paragraphs of synthetic English."""
@@ -34,10 +49,13 @@ def text_file(tmp_path):
 
 
 def make_tokenizer(texts: list[str], vocab_size: int = 300):
-    """A small byte-level BPE tokenizer trained on `texts`, as `qalign pretrain` trains one."""
+    """A small byte-level BPE tokenizer trained on `texts`, as `qalign pretrain` trains one, but
+    without a BOS token (as GPT-2-style tokenizers come), so that --add-bos has none to add."""
     from qaft.pretrain import train_tokenizer
 
-    return train_tokenizer("\n\n".join(texts), vocab_size)
+    tokenizer = train_tokenizer("\n\n".join(texts), vocab_size)
+    tokenizer.bos_token = None
+    return tokenizer
 
 
 @pytest.fixture

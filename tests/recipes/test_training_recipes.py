@@ -6,14 +6,14 @@ import json
 import pytest
 
 from compare.evaluate import evaluate_nll
-from qaft.pretrain import finished
+from recipes.pretrain import finished
 from recipes.common import ConfigError
 from recipes.optimizer_choices import ChoicesConfig, plan as choices_plan
 from recipes.optimizer_choices import run_recipe as run_choices
 from recipes.training_common import Workbench
 from recipes.training_dynamics import DynamicsConfig, plan as dynamics_plan
 from recipes.training_dynamics import run_recipe as run_dynamics
-from tests.qaft.test_pretrain import markov_text
+from tests.conftest import markov_text
 
 SMALL = dict(vocab_size=300, seq_len=32, batch_size=4, calib_samples=4, eval_tokens=512)
 

@@ -1,0 +1,88 @@
+"""Small-model pretraining runs: kill-and-resume, the unigram bar, averaging of checkpoints."""
+
+import itertools
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compare.data import TextSplits
+from compare.models import load_model
+from ptq.errors import OptionsError
+from qaft.averaging import average_state_dicts, lawa, lawa_steps, load_average, soup
+from qaft.pretrain import ModelConfig, build_model, train_tokenizer, unigram_nll
+from qaft.train import TrainConfig
+from recipes.pretrain import pretrain
+from tests.conftest import markov_text
+
+TEXT = TextSplits("markov", markov_text(6000, 1), markov_text(1200, 2))
+TINY = ModelConfig(width=32, depth=1, vocab_size=300, seq_len=32)
+TRAIN = TrainConfig(lr=1e-2, batch_size=4, max_steps=12, schedule="cosine", warmup_steps=2,
+                    checkpoint_every=4, keep_checkpoints=10, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXT.train, 300)
+
+
+def run(out, tokenizer, config=TRAIN, **kw):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return pretrain(out, TEXT, tokenizer, TINY, config, progress=False, eval_tokens=512, **kw)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_kill_and_resume_gives_identical_weights(tokenizer, tmp_path):
+    whole = run(tmp_path / "whole", tokenizer)
+    calls = itertools.count(1)
+
+    def die_at_step_7(model):
+        if next(calls) == 7:
+            raise Interrupt
+        return 0.0
+    killed = TrainConfig(**{**TRAIN.__dict__, "eval_every": 1})
+    with pytest.raises(Interrupt):
+        run(tmp_path / "killed", tokenizer, killed, eval_fn=die_at_step_7)
+    resumed = run(tmp_path / "killed", tokenizer, killed, resume=True, eval_fn=lambda m: 0.0)
+    assert resumed.train.resumed_from == 4
+    a, _ = load_model(str(tmp_path / "whole"))
+    b, _ = load_model(str(tmp_path / "killed"))
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert whole.heldout_nll == resumed.heldout_nll
+
+
+def test_a_short_run_beats_the_unigram_model(tokenizer, tmp_path):
+    res = run(tmp_path / "m", tokenizer, TrainConfig(**{**TRAIN.__dict__, "max_steps": 40}))
+    assert res.heldout_nll < res.unigram_nll - 0.3
+    # the unigram bar itself: a text of one repeated token costs nothing to predict
+    assert unigram_nll(torch.zeros(50, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long),
+                       4) == pytest.approx(-torch.tensor(51 / 54).log().item())
+
+
+def test_averages(tokenizer, tmp_path):
+    run(tmp_path / "r", tokenizer)
+    ckpts = tmp_path / "r" / "checkpoints"
+    assert lawa_steps(ckpts, 2) == [8, 12] and lawa_steps(ckpts, 2, at=9) == [4, 8]
+    one = lawa(ckpts, 1, at=8)
+    assert all(torch.equal(one[k], v) for k, v in average_state_dicts([one, one, one]).items())
+    two = lawa(ckpts, 2)
+    a, b = lawa(ckpts, 1, at=8), lawa(ckpts, 1)
+    for k in two:
+        torch.testing.assert_close(two[k], (a[k].double() + b[k].double()).div(2).float())
+    model = load_average(build_model(TINY, tokenizer), two)
+    # safetensors keeps one name of the tied pair; both modules see the averaged tensor
+    stored = two.get("lm_head.weight", two.get("model.embed_tokens.weight"))
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert torch.equal(model.get_input_embeddings().weight, stored)
+    with pytest.raises(OptionsError, match="keeps 3 at or before step the end"):
+        lawa_steps(ckpts, 4)
+    with pytest.raises(OptionsError, match="several runs"):
+        soup([tmp_path / "r"])
+    s = soup([tmp_path / "r", tmp_path / "r"])
+    final = load_file(tmp_path / "r" / "model.safetensors")
+    assert s.keys() == final.keys() and all(torch.equal(s[k], v) for k, v in final.items())
