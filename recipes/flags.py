@@ -21,7 +21,14 @@ import typing
 from ptq.errors import OptionsError
 
 __all__ = ["field_types", "coerce", "add_dataclass_flags", "given_fields", "from_args",
-           "from_mapping", "flag_name", "load_preset_config"]
+           "from_mapping", "flag_name", "load_preset_config", "option"]
+
+
+def option(default, help_text: str):
+    """A config dataclass field with its flag's help (lists become tuples: frozen configs)."""
+    if isinstance(default, (list, tuple)):
+        return dataclasses.field(default=tuple(default), metadata={"help": help_text})
+    return dataclasses.field(default=default, metadata={"help": help_text})
 
 
 def field_types(cls) -> dict[str, object]:

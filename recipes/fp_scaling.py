@@ -18,13 +18,11 @@ published ones, findings). Finished runs are skipped on rerun; a killed run resu
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
-import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from compare.fp_law import PUBLISHED, fit
@@ -35,9 +33,9 @@ from ptq.formats import parse_spec
 from qaft.fp_train import POSITIONS, QTrainConfig
 from qaft.pretrain import SIZES, ModelConfig, check_memory
 from qaft.train import TrainConfig
-from recipes.common import ConfigError, out_folder, previous_results, versions
-from recipes.flags import add_dataclass_flags, given_fields, load_preset_config
-from recipes.training_common import Workbench
+from recipes.common import ConfigError, out_folder
+from recipes.flags import option
+from recipes.training_common import RecipeSpec, Workbench
 
 __all__ = ["FPScalingConfig", "PRESETS", "plan", "run_recipe", "build_parser", "run", "SCHEMA"]
 
@@ -45,36 +43,30 @@ SCHEMA = "qalign.fp-scaling/1"
 _CUSTOM = re.compile(r"^w(\d+)d(\d+)$")
 
 
-def _f(default, help_text):
-    if isinstance(default, (list, tuple)):
-        return field(default=tuple(default), metadata={"help": help_text})
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass(frozen=True)
 class FPScalingConfig:
-    data: str = _f("wiki", "training text: wiki (embedded), a text file, or hf:NAME[:CONFIG]")
-    vocab_size: int = _f(2048, "BPE vocabulary trained on the train split")
-    seq_len: int = _f(128, "training block and evaluation window length")
-    batch_size: int = _f(16, "blocks per optimizer step")
-    sizes: tuple[str, ...] = _f(("w64d2", "1m"), f"model sizes: {', '.join(SIZES)} or wWdD "
-                                                 "(width W, depth D)")
-    tokens: tuple[int, ...] = _f((100_000, 200_000, 400_000), "training token budgets D")
-    formats: tuple[str, ...] = _f(("e1m2", "e2m1", "e3m2", "e4m3"),
-                                  "training formats e{E}m{M}")
-    blocks: tuple[int, ...] = _f((16, 64), "block sizes B of the scaling factors, along each "
-                                           "GEMM's reduction dimension")
-    targets: tuple[str, ...] = _f(("P2", "P4", "P6"), "rounded GEMM inputs (qaft.fp_train)")
-    lr: float = _f(3e-3, "peak learning rate, cosine decay to 0")
-    warmup_steps: int = _f(10, "linear warmup steps")
-    seed: int = _f(0, "seed of the initialisation and the data order")
-    ptq_settings: tuple[str, ...] = _f(("rtn:e2m1-g32", "gptq:e2m1-g32", "rtn:e3m2-g32",
-                                        "gptq:e3m2-g32", "rtn:e4m3-g32", "gptq:e4m3-g32"),
-                                       "PTQ of every trained model (plain weights) afterwards")
-    fit_free: tuple[str, ...] = _f(("n", "a", "d", "b", "eps", "g", "dl", "nu"),
-                                   "constants fitted (the rest stay at the published values)")
-    calib_samples: int = _f(32, "GPTQ calibration blocks from the train split")
-    eval_tokens: int = _f(8192, "held-out tokens of every measurement")
+    data: str = option("wiki", "training text: wiki (embedded), a text file, or hf:NAME[:CONFIG]")
+    vocab_size: int = option(2048, "BPE vocabulary trained on the train split")
+    seq_len: int = option(128, "training block and evaluation window length")
+    batch_size: int = option(16, "blocks per optimizer step")
+    sizes: tuple[str, ...] = option(("w64d2", "1m"), f"model sizes: {', '.join(SIZES)} or wWdD "
+                                    "(width W, depth D)")
+    tokens: tuple[int, ...] = option((100_000, 200_000, 400_000), "training token budgets D")
+    formats: tuple[str, ...] = option(("e1m2", "e2m1", "e3m2", "e4m3"),
+                                      "training formats e{E}m{M}")
+    blocks: tuple[int, ...] = option((16, 64), "block sizes B of the scaling factors, along each "
+                                     "GEMM's reduction dimension")
+    targets: tuple[str, ...] = option(("P2", "P4", "P6"), "rounded GEMM inputs (qaft.fp_train)")
+    lr: float = option(3e-3, "peak learning rate, cosine decay to 0")
+    warmup_steps: int = option(10, "linear warmup steps")
+    seed: int = option(0, "seed of the initialisation and the data order")
+    ptq_settings: tuple[str, ...] = option(("rtn:e2m1-g32", "gptq:e2m1-g32", "rtn:e3m2-g32",
+                                           "gptq:e3m2-g32", "rtn:e4m3-g32", "gptq:e4m3-g32"),
+                                           "PTQ of every trained model (plain weights) afterwards")
+    fit_free: tuple[str, ...] = option(("n", "a", "d", "b", "eps", "g", "dl", "nu"),
+                                       "constants fitted (the rest stay at the published values)")
+    calib_samples: int = option(32, "GPTQ calibration blocks from the train split")
+    eval_tokens: int = option(8192, "held-out tokens of every measurement")
 
     def __post_init__(self):
         for name in ("sizes", "tokens", "formats", "blocks", "targets", "ptq_settings",
@@ -152,14 +144,6 @@ def plan(cfg: FPScalingConfig) -> list[tuple[str, str, int, str, int]]:
             for s, t, f, B in itertools.product(cfg.sizes, cfg.tokens, cfg.formats, cfg.blocks)]
 
 
-def _load_state(path: Path, cfg: FPScalingConfig, fresh: bool) -> dict:
-    config = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    previous = previous_results(path, config, fresh, lambda obj: obj.get("schema") == SCHEMA)
-    if previous is not None:
-        return previous
-    return {"schema": SCHEMA, "config": config, "versions": versions(), "runs": {},
-            "seconds": {"train": 0.0, "measure": 0.0}}
-
 
 def run_recipe(cfg: FPScalingConfig, out: Path, *, fresh: bool = False,
                progress: bool = True) -> dict:
@@ -169,7 +153,8 @@ def run_recipe(cfg: FPScalingConfig, out: Path, *, fresh: bool = False,
         check_memory(cfg.model_config(s), cfg.batch_size)
     out = out_folder(out)
     path = out / "results.json"
-    state = _load_state(path, cfg, fresh)
+    state = RECIPE.state(path, cfg, fresh, runs={},
+                         seconds={"train": 0.0, "measure": 0.0})
     bench = Workbench(out, data=cfg.data, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
                       eval_tokens=cfg.eval_tokens, calib_samples=cfg.calib_samples,
                       settings=cfg.ptq_settings, progress=progress)
@@ -214,36 +199,11 @@ def run_recipe(cfg: FPScalingConfig, out: Path, *, fresh: bool = False,
     return state
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="python -m recipes.fp_scaling",
-                                          description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
-                   help="cpu: 2 CPU cores, about 45 minutes; gpu: up to 19M parameters on "
-                        "wikitext-103 (default: cpu)")
-    p.add_argument("--config", type=Path, default=None,
-                   help="YAML file whose keys are the flags below (underscored); flags win")
-    p.add_argument("--out", type=Path, default=Path("results/fp-scaling"),
-                   help="output folder (default: results/fp-scaling)")
-    p.add_argument("--fresh", action="store_true",
-                   help="discard measurements in --out (trained runs are kept)")
-    add_dataclass_flags(p, FPScalingConfig, default_label="cpu preset")
-    return p
-
-
-def config_from_args(args) -> FPScalingConfig:
-    return load_preset_config(FPScalingConfig, PRESETS, args.preset, args.config,
-                              given_fields(FPScalingConfig, args), error=ConfigError)
-
-
-def run(args: argparse.Namespace) -> dict:
-    return run_recipe(config_from_args(args), args.out, fresh=args.fresh)
-
-
-def main(argv=None) -> None:
-    from recipes.cli import run_or_exit
-
-    run_or_exit(run, build_parser().parse_args(argv))
-
+RECIPE = RecipeSpec("fp-scaling", FPScalingConfig, PRESETS, SCHEMA,
+                    "cpu: 2 CPU cores, about 45 minutes; gpu: up to 19M parameters on "
+                    "wikitext-103", __doc__, run_recipe)
+build_parser, config_from_args, run, main = (RECIPE.build_parser, RECIPE.config_from_args,
+                                             RECIPE.run, RECIPE.main)
 
 if __name__ == "__main__":
     main()

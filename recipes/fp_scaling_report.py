@@ -70,7 +70,8 @@ def _plot_best_split(c, path: Path) -> None:
 def _report(state, cfg, c) -> str:
     runs = list(state["runs"].values())
     lines = [f"# Floating-point quantized training at CPU scale ({len(runs)} runs, {cfg.data})",
-             "", f"Every run trains from the same seed with the GEMM inputs {', '.join(cfg.targets)}"
+             "", "Every run trains from the same seed with the GEMM inputs "
+             f"{', '.join(cfg.targets)}"
              f" rounded to its format with blocks of B along the reduction dimension "
              f"(`qaft.fp_train`). Training {state['seconds']['train'] / 60:.1f} min, measuring "
              f"{state['seconds']['measure'] / 60:.1f} min (this machine).", "",

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ptq.formats import parse_spec
 from ptq.gptq import GPTQOptions
 from ptq.registry import available_methods
 from recipes.common import ConfigError
-from recipes.flags import add_dataclass_flags, coerce, field_types, load_preset_config
+from recipes.flags import add_dataclass_flags, coerce, field_types, load_preset_config, option
 
 QAFT_ARMS = {"qaft": "rtn", "qaft-mse": "mse", "qaft-gptq": "gptq"}  # method -> QAFT init
 
@@ -24,66 +24,62 @@ __all__ = ["MisalignmentConfig", "QAFT_ARMS", "PRESETS", "ConfigError", "parse_v
            "add_config_flags"]
 
 
-def _f(default, help_text):
-    if isinstance(default, (list, tuple)):
-        return field(default=tuple(default), metadata={"help": help_text})
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass(frozen=True)
 class MisalignmentConfig:
-    model: str = _f("smollm2-135m", "embedded name, local model folder or hub id")
-    data: str = _f("wiki", "text: wiki (embedded), a local file/folder, or hf:NAME[:CONFIG]")
-    bits: tuple[int, ...] = _f((2, 3, 4), "integer bit widths")
-    granularity: str = _f("g64", "ch, t or gN (groups of N inputs)")
-    methods: tuple[str, ...] = _f(("rtn", "hqq", "gptq", "block-ap", "qaft", "qaft-gptq"),
-                                  "registered PTQ methods (layer: rtn, hqq, gptq; block: "
-                                  "block-ap; `qalign methods` lists all) and QAFT from an RTN "
-                                  "(qaft), MSE-clipped (qaft-mse) or GPTQ (qaft-gptq) start, "
-                                  "per bit width")
-    gptq_variants: tuple[str, ...] = _f(("act_order=false",),
-                              "extra GPTQ solutions, each KEY=VALUE over GPTQOptions fields or "
-                              "granularity=gN, e.g. damp=0.1 act_order=false granularity=g128")
-    samples: int = _f(16, "data budget: token blocks (GPTQ calibration = QAFT training data)")
-    seq_len: int = _f(256, "data budget: tokens per block")
-    seeds: tuple[int, ...] = _f((0,), "seeds of the budget draw and the data order: each "
-                                      "(method, spec, seed) is one result; the first seed also "
-                                      "seeds the random directions")
-    val_samples: int = _f(4, "validation slice: train-split blocks disjoint from the budget, "
-                             "for choosing hyperparameters only")
-    tune: bool = _f(True, "matched tuning: every method gets `trials` trials from its search "
-                          "space, the lowest validation NLL wins (off: the pinned values)")
-    trials: int = _f(3, "trials per method and bit width when tuning")
-    search: tuple[str, ...] = _f((), "search-space overrides, METHOD.FIELD=V1,V2 (e.g. "
+    model: str = option("smollm2-135m", "embedded name, local model folder or hub id")
+    data: str = option("wiki", "text: wiki (embedded), a local file/folder, or hf:NAME[:CONFIG]")
+    bits: tuple[int, ...] = option((2, 3, 4), "integer bit widths")
+    granularity: str = option("g64", "ch, t or gN (groups of N inputs)")
+    methods: tuple[str, ...] = option(("rtn", "hqq", "gptq", "block-ap", "qaft", "qaft-gptq"),
+                                      "registered PTQ methods (layer: rtn, hqq, gptq; block: "
+                                      "block-ap; `qalign methods` lists all) and QAFT from an RTN "
+                                      "(qaft), MSE-clipped (qaft-mse) or GPTQ (qaft-gptq) start, "
+                                      "per bit width")
+    gptq_variants: tuple[str, ...] = option(("act_order=false",),
+                                            "extra GPTQ solutions, each KEY=VALUE over "
+                                            "GPTQOptions fields or granularity=gN, e.g. "
+                                            "damp=0.1 act_order=false granularity=g128")
+    samples: int = option(16, "data budget: token blocks (GPTQ calibration = QAFT training data)")
+    seq_len: int = option(256, "data budget: tokens per block")
+    seeds: tuple[int, ...] = option((0,), "seeds of the budget draw and the data order: each "
+                                    "(method, spec, seed) is one result; the first seed also "
+                                    "seeds the random directions")
+    val_samples: int = option(4, "validation slice: train-split blocks disjoint from the budget, "
+                              "for choosing hyperparameters only")
+    tune: bool = option(True, "matched tuning: every method gets `trials` trials from its search "
+                        "space, the lowest validation NLL wins (off: the pinned values)")
+    trials: int = option(3, "trials per method and bit width when tuning")
+    search: tuple[str, ...] = option((), "search-space overrides, METHOD.FIELD=V1,V2 (e.g. "
                                      "qaft.lr=1e-4,1e-3 gptq.damp=0.01,0.1)")
-    epochs: int = _f(2, "QAFT and FP-control epochs over the budget")
-    lr: float = _f(1e-5, "QAFT and FP-control AdamW learning rate when not tuned")
-    schedule: str = _f("constant", "QAFT and FP-control learning-rate schedule: constant, "
-                                   "cosine or wsd")
-    warmup_steps: int = _f(0, "QAFT and FP-control linear warmup steps")
-    keep_best: bool = _f(True, "fine-tuning keeps its checkpoint with the lowest NLL on the "
-                               "validation slice (checked every checkpoint_every steps)")
-    patience: int = _f(0, "early stopping: validations without improvement before a "
-                          "fine-tuning run stops (0: never; needs keep_best)")
-    clip_dynamic: bool = _f(False, "QAFT with dynamic scales: zero the gradient of the group "
-                                   "extremes that the rounded zero point leaves outside the "
-                                   "grid (the behaviour of earlier versions; off: they keep it)")
-    eval_seq_len: int = _f(512, "held-out evaluation window")
-    eval_tokens: int = _f(4096, "held-out tokens for NLL, perplexity and KL")
-    probe_tokens: int = _f(1024, "the first held-out tokens used for local losses, gradients, "
-                                 "sensitivity, trajectories and the landscape")
-    checkpoint_every: int = _f(8, "QAFT / FP-control optimizer steps between probes")
-    trajectory_every: int = _f(5, "GPTQ decoder blocks between probes")
-    sensitivity_stride: int = _f(6, "one-layer sensitivity on the layers of every k-th block")
-    landscape_t: tuple[float, ...] = _f((0.25, 0.5, 1.0, 1.5),
-                                        "t of the landscape points W + t (W_hat - W)")
-    radius_ppl_ratio: float = _f(1.1, "the radius is where perplexity reaches FP x this ratio")
-    batch_size: int = _f(2, "evaluation batch (windows)")
-    dtype: str = _f("auto", "compute dtype of forward passes: auto (bfloat16 where the hardware "
-                            "runs it fast), float32 or bfloat16; fine-tuning keeps float32 "
-                            "weights and computes in bfloat16 (autocast) when this is bfloat16")
-    add_bos: bool | None = _f(None, "start every window and block with BOS (default: the "
-                                    "tokenizer's own convention)")
+    epochs: int = option(2, "QAFT and FP-control epochs over the budget")
+    lr: float = option(1e-5, "QAFT and FP-control AdamW learning rate when not tuned")
+    schedule: str = option("constant", "QAFT and FP-control learning-rate schedule: constant, "
+                           "cosine or wsd")
+    warmup_steps: int = option(0, "QAFT and FP-control linear warmup steps")
+    keep_best: bool = option(True, "fine-tuning keeps its checkpoint with the lowest NLL on the "
+                             "validation slice (checked every checkpoint_every steps)")
+    patience: int = option(0, "early stopping: validations without improvement before a "
+                           "fine-tuning run stops (0: never; needs keep_best)")
+    clip_dynamic: bool = option(False, "QAFT with dynamic scales: zero the gradient of the group "
+                                "extremes that the rounded zero point leaves outside the "
+                                "grid (the behaviour of earlier versions; off: they keep it)")
+    eval_seq_len: int = option(512, "held-out evaluation window")
+    eval_tokens: int = option(4096, "held-out tokens for NLL, perplexity and KL")
+    probe_tokens: int = option(1024, "the first held-out tokens used for local losses, gradients, "
+                               "sensitivity, trajectories and the landscape")
+    checkpoint_every: int = option(8, "QAFT / FP-control optimizer steps between probes")
+    trajectory_every: int = option(5, "GPTQ decoder blocks between probes")
+    sensitivity_stride: int = option(6, "one-layer sensitivity on the layers of every k-th block")
+    landscape_t: tuple[float, ...] = option((0.25, 0.5, 1.0, 1.5),
+                                            "t of the landscape points W + t (W_hat - W)")
+    radius_ppl_ratio: float = option(1.1, "the radius is where perplexity reaches FP x this ratio")
+    batch_size: int = option(2, "evaluation batch (windows)")
+    dtype: str = option("auto", "compute dtype of forward passes: auto (bfloat16 where the "
+                                "hardware runs it fast), float32 or bfloat16; fine-tuning keeps "
+                                "float32 weights and computes in bfloat16 (autocast) when this "
+                                "is bfloat16")
+    add_bos: bool | None = option(None, "start every window and block with BOS (default: the "
+                                  "tokenizer's own convention)")
 
     def __post_init__(self):
         for name in ("bits", "methods", "gptq_variants", "landscape_t", "seeds", "search"):

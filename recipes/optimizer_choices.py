@@ -25,20 +25,17 @@ finished runs and measurements are skipped on rerun.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from compare.io import write_json
 from compare.outliers import activation_outliers, summarize
 from qaft.pretrain import ModelConfig, check_memory
 from qaft.train import TrainConfig
-from recipes.common import ConfigError, out_folder, previous_results, versions
-from recipes.flags import add_dataclass_flags, coerce, given_fields, load_preset_config
-from recipes.training_common import Workbench, settings_of
+from recipes.common import ConfigError, out_folder
+from recipes.flags import coerce, option
+from recipes.training_common import RecipeSpec, Workbench, settings_of
 
 __all__ = ["ChoicesConfig", "PRESETS", "FACTORS", "Choice", "plan", "run_recipe",
            "build_parser", "run", "SCHEMA"]
@@ -47,12 +44,6 @@ SCHEMA = "qalign.optimizer-choices/1"
 # The factors a variant may change, their types, and the TrainConfig precision they map to
 FACTORS = {"weight_decay": float, "dropout": float, "grad_clip": float, "precision": str}
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
-
-def _f(default, help_text):
-    if isinstance(default, (list, tuple)):
-        return field(default=tuple(default), metadata={"help": help_text})
-    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass(frozen=True)
@@ -81,31 +72,31 @@ def parse_variant(text: str) -> tuple[str, object]:
 
 @dataclass(frozen=True)
 class ChoicesConfig:
-    data: str = _f("wiki", "training text: wiki (embedded), a text file, or hf:NAME[:CONFIG]")
-    size: str = _f("1m", "model size (qalign pretrain --size)")
-    vocab_size: int = _f(4096, "BPE vocabulary trained on the train split")
-    seq_len: int = _f(128, "training block and evaluation window length")
-    batch_size: int = _f(16, "blocks per optimizer step")
-    steps: int = _f(400, "optimizer steps of every run")
-    warmup_steps: int = _f(20, "linear warmup steps")
-    lr: float = _f(3e-3, "peak learning rate (cosine decay to 0)")
-    weight_decay: float = _f(0.1, "baseline AdamW weight decay")
-    dropout: float = _f(0.0, "baseline attention dropout")
-    grad_clip: float = _f(1.0, "baseline max gradient norm (0: off)")
-    precision: str = _f("bf16", "baseline training precision: fp32, bf16 or fp16 autocast")
-    variants: tuple[str, ...] = _f(("weight_decay=0", "weight_decay=0.01", "dropout=0.1",
-                                    "grad_clip=0", "precision=fp32", "precision=fp16"),
-                                   "one run per KEY=VALUE, the baseline with that one factor "
-                                   f"changed; KEY in {sorted(FACTORS)}")
-    baseline_seeds: tuple[int, ...] = _f((0, 1, 2), "seeds of the baseline runs (the first also "
-                                                    "seeds every variant): the noise floor")
-    early_fraction: float = _f(0.25, "the early checkpoint, as a fraction of steps")
-    settings: tuple[str, ...] = _f(("w8a8", "rtn:int4-ch", "rtn:int3-ch"),
-                                   "PTQ settings METHOD:SPEC[+aB] (w8a8: int8 per-channel "
-                                   "weights x int8 per-token activations)")
-    outlier_windows: int = _f(16, "held-out windows the outlier statistics run on")
-    calib_samples: int = _f(32, "calibration blocks for settings whose method calibrates")
-    eval_tokens: int = _f(8192, "held-out tokens of every measurement")
+    data: str = option("wiki", "training text: wiki (embedded), a text file, or hf:NAME[:CONFIG]")
+    size: str = option("1m", "model size (qalign pretrain --size)")
+    vocab_size: int = option(4096, "BPE vocabulary trained on the train split")
+    seq_len: int = option(128, "training block and evaluation window length")
+    batch_size: int = option(16, "blocks per optimizer step")
+    steps: int = option(400, "optimizer steps of every run")
+    warmup_steps: int = option(20, "linear warmup steps")
+    lr: float = option(3e-3, "peak learning rate (cosine decay to 0)")
+    weight_decay: float = option(0.1, "baseline AdamW weight decay")
+    dropout: float = option(0.0, "baseline attention dropout")
+    grad_clip: float = option(1.0, "baseline max gradient norm (0: off)")
+    precision: str = option("bf16", "baseline training precision: fp32, bf16 or fp16 autocast")
+    variants: tuple[str, ...] = option(("weight_decay=0", "weight_decay=0.01", "dropout=0.1",
+                                       "grad_clip=0", "precision=fp32", "precision=fp16"),
+                                       "one run per KEY=VALUE, the baseline with that one factor "
+                                       f"changed; KEY in {sorted(FACTORS)}")
+    baseline_seeds: tuple[int, ...] = option((0, 1, 2), "seeds of the baseline runs (the first "
+                                             "also seeds every variant): the noise floor")
+    early_fraction: float = option(0.25, "the early checkpoint, as a fraction of steps")
+    settings: tuple[str, ...] = option(("w8a8", "rtn:int4-ch", "rtn:int3-ch"),
+                                       "PTQ settings METHOD:SPEC[+aB] (w8a8: int8 per-channel "
+                                       "weights x int8 per-token activations)")
+    outlier_windows: int = option(16, "held-out windows the outlier statistics run on")
+    calib_samples: int = option(32, "calibration blocks for settings whose method calibrates")
+    eval_tokens: int = option(8192, "held-out tokens of every measurement")
 
     def __post_init__(self):
         for name in ("variants", "baseline_seeds", "settings"):
@@ -175,14 +166,6 @@ def plan(cfg: ChoicesConfig) -> list[Choice]:
     return runs
 
 
-def _load_state(path: Path, cfg: ChoicesConfig, fresh: bool) -> dict:
-    config = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    previous = previous_results(path, config, fresh, lambda obj: obj.get("schema") == SCHEMA)
-    if previous is not None:
-        return previous
-    return {"schema": SCHEMA, "config": config, "versions": versions(), "runs": {},
-            "seconds": {"train": 0.0, "measure": 0.0}}
-
 
 def run_recipe(cfg: ChoicesConfig, out: Path, *, fresh: bool = False,
                progress: bool = True) -> dict:
@@ -191,7 +174,8 @@ def run_recipe(cfg: ChoicesConfig, out: Path, *, fresh: bool = False,
     check_memory(cfg.model_config(0.0, 0), cfg.batch_size)
     out = out_folder(out)
     path = out / "results.json"
-    state = _load_state(path, cfg, fresh)
+    state = RECIPE.state(path, cfg, fresh, runs={},
+                         seconds={"train": 0.0, "measure": 0.0})
     bench = Workbench(out, data=cfg.data, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
                       eval_tokens=cfg.eval_tokens, calib_samples=cfg.calib_samples,
                       settings=cfg.settings, progress=progress)
@@ -228,36 +212,11 @@ def run_recipe(cfg: ChoicesConfig, out: Path, *, fresh: bool = False,
     return state
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="python -m recipes.optimizer_choices",
-                                          description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
-                   help="cpu: 2 CPU cores, about 45 minutes; gpu: 19M parameters on "
-                        "wikitext-103 (default: cpu)")
-    p.add_argument("--config", type=Path, default=None,
-                   help="YAML file whose keys are the flags below (underscored); flags win")
-    p.add_argument("--out", type=Path, default=Path("results/optimizer-choices"),
-                   help="output folder (default: results/optimizer-choices)")
-    p.add_argument("--fresh", action="store_true",
-                   help="discard measurements in --out (trained runs are kept)")
-    add_dataclass_flags(p, ChoicesConfig, default_label="cpu preset")
-    return p
-
-
-def config_from_args(args) -> ChoicesConfig:
-    return load_preset_config(ChoicesConfig, PRESETS, args.preset, args.config,
-                              given_fields(ChoicesConfig, args), error=ConfigError)
-
-
-def run(args: argparse.Namespace) -> dict:
-    return run_recipe(config_from_args(args), args.out, fresh=args.fresh)
-
-
-def main(argv=None) -> None:
-    from recipes.cli import run_or_exit
-
-    run_or_exit(run, build_parser().parse_args(argv))
-
+RECIPE = RecipeSpec("optimizer-choices", ChoicesConfig, PRESETS, SCHEMA,
+                    "cpu: 2 CPU cores, about 45 minutes; gpu: 19M parameters on "
+                    "wikitext-103", __doc__, run_recipe)
+build_parser, config_from_args, run, main = (RECIPE.build_parser, RECIPE.config_from_args,
+                                             RECIPE.run, RECIPE.main)
 
 if __name__ == "__main__":
     main()

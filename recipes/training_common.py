@@ -7,9 +7,11 @@ draw of train-split blocks.
 
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_model as load_safetensors
@@ -22,10 +24,11 @@ from qaft.averaging import load_average
 from qaft.fp_train import QTrainConfig
 from qaft.pretrain import ModelConfig, build_model, train_tokenizer
 from qaft.train import TrainConfig
-from recipes.common import ConfigError
+from recipes.common import ConfigError, previous_results, versions
+from recipes.flags import add_dataclass_flags, given_fields, load_preset_config
 from recipes.pretrain import finished, pretrain
 
-__all__ = ["Workbench", "settings_of"]
+__all__ = ["Workbench", "settings_of", "RecipeSpec"]
 
 
 def settings_of(texts) -> list:
@@ -98,3 +101,53 @@ class Workbench:
         return {"fp_nll": fp, "ptq": ptq,
                 "qerr": {k: relative_increase(fp, v) for k, v in ptq.items()},
                 "gap": {k: v - fp for k, v in ptq.items()}}
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """A training recipe's command line: flags from its config dataclass, presets, YAML, the
+    results.json state, and the entry points `qalign recipe NAME` and `python -m` call."""
+    name: str  # e.g. "training-dynamics"; the module is recipes.training_dynamics
+    config: type  # its config dataclass
+    presets: dict
+    schema: str  # the results.json schema tag
+    preset_help: str
+    doc: str  # the module docstring
+    run_recipe: Callable  # run_recipe(cfg, out, *, fresh) -> state
+
+    def build_parser(self, parser: argparse.ArgumentParser | None = None
+                     ) -> argparse.ArgumentParser:
+        module = "recipes." + self.name.replace("-", "_")
+        p = parser or argparse.ArgumentParser(prog=f"python -m {module}",
+                                              description=self.doc.split("\n")[0])
+        p.add_argument("--preset", default="cpu", choices=sorted(self.presets),
+                       help=f"{self.preset_help} (default: cpu)")
+        p.add_argument("--config", type=Path, default=None,
+                       help="YAML file whose keys are the flags below (underscored); flags win")
+        p.add_argument("--out", type=Path, default=Path(f"results/{self.name}"),
+                       help=f"output folder (default: results/{self.name})")
+        p.add_argument("--fresh", action="store_true",
+                       help="discard measurements in --out (trained runs are kept)")
+        add_dataclass_flags(p, self.config, default_label="cpu preset")
+        return p
+
+    def config_from_args(self, args):
+        return load_preset_config(self.config, self.presets, args.preset, args.config,
+                                  given_fields(self.config, args), error=ConfigError)
+
+    def run(self, args: argparse.Namespace) -> dict:
+        return self.run_recipe(self.config_from_args(args), args.out, fresh=args.fresh)
+
+    def main(self, argv=None) -> None:
+        from recipes.cli import run_or_exit
+
+        run_or_exit(self.run, self.build_parser().parse_args(argv))
+
+    def state(self, path: Path, cfg, fresh: bool, **empty) -> dict:
+        """The results a previous run of the same config left at `path`, or a new state."""
+        config = json.loads(json.dumps(asdict(cfg)))
+        previous = previous_results(path, config, fresh,
+                                    lambda obj: obj.get("schema") == self.schema)
+        if previous is not None:
+            return previous
+        return {"schema": self.schema, "config": config, "versions": versions(), **empty}

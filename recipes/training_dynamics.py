@@ -24,11 +24,9 @@ written as they finish and skipped on rerun.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from compare.io import write_json
@@ -36,9 +34,9 @@ from qaft.averaging import lawa
 from qaft.checkpoints import checkpoint_steps
 from qaft.pretrain import ModelConfig, check_memory
 from qaft.train import TrainConfig
-from recipes.common import ConfigError, out_folder, previous_results, versions
-from recipes.flags import add_dataclass_flags, given_fields, load_preset_config
-from recipes.training_common import Workbench, settings_of
+from recipes.common import ConfigError, out_folder
+from recipes.flags import option
+from recipes.training_common import RecipeSpec, Workbench, settings_of
 
 __all__ = ["DynamicsConfig", "PRESETS", "Run", "plan", "run_recipe", "build_parser", "run",
            "SCHEMA"]
@@ -46,38 +44,32 @@ __all__ = ["DynamicsConfig", "PRESETS", "Run", "plan", "run_recipe", "build_pars
 SCHEMA = "qalign.training-dynamics/1"
 
 
-def _f(default, help_text):
-    if isinstance(default, (list, tuple)):
-        return field(default=tuple(default), metadata={"help": help_text})
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass(frozen=True)
 class DynamicsConfig:
-    data: str = _f("wiki", "training text: wiki (embedded), a text file, or hf:NAME[:CONFIG]")
-    size: str = _f("1m", "model size (qalign pretrain --size)")
-    vocab_size: int = _f(4096, "BPE vocabulary trained on the train split")
-    seq_len: int = _f(128, "training block and evaluation window length")
-    batch_size: int = _f(16, "blocks per optimizer step")
-    steps: int = _f(800, "optimizer steps of the constant (stable-phase) and cosine runs")
-    warmup_steps: int = _f(40, "linear warmup steps of every run")
-    peak_lrs: tuple[float, ...] = _f((1e-3, 3e-3, 1e-2), "peak learning rates")
-    cooldown_at: tuple[float, ...] = _f((0.25, 0.5, 1.0), "WSD branch points, as fractions of "
-                                        "steps (rounded to the nearest checkpoint)")
-    cooldown_fraction: float = _f(0.2, "each cooldown decays over this fraction of its branch "
-                                       "step")
-    checkpoint_every: int = _f(50, "steps between checkpoints (trajectory points) of the "
+    data: str = option("wiki", "training text: wiki (embedded), a text file, or hf:NAME[:CONFIG]")
+    size: str = option("1m", "model size (qalign pretrain --size)")
+    vocab_size: int = option(4096, "BPE vocabulary trained on the train split")
+    seq_len: int = option(128, "training block and evaluation window length")
+    batch_size: int = option(16, "blocks per optimizer step")
+    steps: int = option(800, "optimizer steps of the constant (stable-phase) and cosine runs")
+    warmup_steps: int = option(40, "linear warmup steps of every run")
+    peak_lrs: tuple[float, ...] = option((1e-3, 3e-3, 1e-2), "peak learning rates")
+    cooldown_at: tuple[float, ...] = option((0.25, 0.5, 1.0), "WSD branch points, as fractions of "
+                                            "steps (rounded to the nearest checkpoint)")
+    cooldown_fraction: float = option(0.2, "each cooldown decays over this fraction of its branch "
+                                      "step")
+    checkpoint_every: int = option(50, "steps between checkpoints (trajectory points) of the "
                                    "constant and cosine runs")
-    lawa_window: int = _f(4, "LAWA: the mean of the last this many constant-run checkpoints")
-    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)")
-    grad_clip: float = _f(1.0, "max gradient norm (0: off)")
-    mixed_precision: str = _f("bf16", "no, bf16 or fp16 autocast")
-    seed: int = _f(0, "seed of the initialisation and the data order, shared by every run")
-    settings: tuple[str, ...] = _f(("rtn:int3-g64", "gptq:int3-g64", "rtn:int4-g64",
-                                    "gptq:int4-g64"), "PTQ settings METHOD:SPEC[+aB]")
-    focus: str = _f("gptq:int3-g64", "the setting the plots and findings are about")
-    calib_samples: int = _f(32, "GPTQ calibration blocks (seq_len long) from the train split")
-    eval_tokens: int = _f(8192, "held-out tokens of every measurement")
+    lawa_window: int = option(4, "LAWA: the mean of the last this many constant-run checkpoints")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
+    grad_clip: float = option(1.0, "max gradient norm (0: off)")
+    mixed_precision: str = option("bf16", "no, bf16 or fp16 autocast")
+    seed: int = option(0, "seed of the initialisation and the data order, shared by every run")
+    settings: tuple[str, ...] = option(("rtn:int3-g64", "gptq:int3-g64", "rtn:int4-g64",
+                                       "gptq:int4-g64"), "PTQ settings METHOD:SPEC[+aB]")
+    focus: str = option("gptq:int3-g64", "the setting the plots and findings are about")
+    calib_samples: int = option(32, "GPTQ calibration blocks (seq_len long) from the train split")
+    eval_tokens: int = option(8192, "held-out tokens of every measurement")
 
     def __post_init__(self):
         for name in ("peak_lrs", "cooldown_at", "settings"):
@@ -177,14 +169,6 @@ def plan(cfg: DynamicsConfig) -> list[Run]:
     return runs
 
 
-def _load_state(path: Path, cfg: DynamicsConfig, fresh: bool) -> dict:
-    config = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    previous = previous_results(path, config, fresh, lambda obj: obj.get("schema") == SCHEMA)
-    if previous is not None:
-        return previous
-    return {"schema": SCHEMA, "config": config, "versions": versions(), "runs": {},
-            "points": {}, "seconds": {"train": 0.0, "measure": 0.0}}
-
 
 def run_recipe(cfg: DynamicsConfig, out: Path, *, fresh: bool = False,
                progress: bool = True) -> dict:
@@ -193,7 +177,8 @@ def run_recipe(cfg: DynamicsConfig, out: Path, *, fresh: bool = False,
     check_memory(cfg.model_config, cfg.batch_size)
     out = out_folder(out)
     path = out / "results.json"
-    state = _load_state(path, cfg, fresh)
+    state = RECIPE.state(path, cfg, fresh, runs={}, points={},
+                         seconds={"train": 0.0, "measure": 0.0})
     bench = Workbench(out, data=cfg.data, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
                       eval_tokens=cfg.eval_tokens, calib_samples=cfg.calib_samples,
                       settings=cfg.settings, progress=progress)
@@ -244,36 +229,11 @@ def run_recipe(cfg: DynamicsConfig, out: Path, *, fresh: bool = False,
     return state
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="python -m recipes.training_dynamics",
-                                          description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
-                   help="cpu: 2 CPU cores, about 40 minutes; gpu: 19M parameters on "
-                        "wikitext-103 (default: cpu)")
-    p.add_argument("--config", type=Path, default=None,
-                   help="YAML file whose keys are the flags below (underscored); flags win")
-    p.add_argument("--out", type=Path, default=Path("results/training-dynamics"),
-                   help="output folder (default: results/training-dynamics)")
-    p.add_argument("--fresh", action="store_true",
-                   help="discard measured points in --out (trained runs are kept)")
-    add_dataclass_flags(p, DynamicsConfig, default_label="cpu preset")
-    return p
-
-
-def config_from_args(args) -> DynamicsConfig:
-    return load_preset_config(DynamicsConfig, PRESETS, args.preset, args.config,
-                              given_fields(DynamicsConfig, args), error=ConfigError)
-
-
-def run(args: argparse.Namespace) -> dict:
-    return run_recipe(config_from_args(args), args.out, fresh=args.fresh)
-
-
-def main(argv=None) -> None:
-    from recipes.cli import run_or_exit
-
-    run_or_exit(run, build_parser().parse_args(argv))
-
+RECIPE = RecipeSpec("training-dynamics", DynamicsConfig, PRESETS, SCHEMA,
+                    "cpu: 2 CPU cores, about 40 minutes; gpu: 19M parameters on "
+                    "wikitext-103", __doc__, run_recipe)
+build_parser, config_from_args, run, main = (RECIPE.build_parser, RECIPE.config_from_args,
+                                             RECIPE.run, RECIPE.main)
 
 if __name__ == "__main__":
     main()
