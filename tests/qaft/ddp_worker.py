@@ -20,3 +20,7 @@ if torch.distributed.get_rank() == 0:
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     state["losses"] = torch.tensor([r["loss"] for r in res.history])
     save_file(state, sys.argv[1])
+# leave the process group before exit: gloo's threads outliving it abort the process at
+# interpreter teardown ("terminate called without an active exception")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
