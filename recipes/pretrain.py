@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from compare.data import TextSplits, load_text, tokenize
@@ -139,6 +139,9 @@ def add_pretrain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=at_least(int, 1), default=200_000,
                    help="training budget in tokens, cycling over the train split as needed "
                         "(default: 200000)")
+    p.add_argument("--checkpoint-tokens", type=at_least(int, 1),
+                   help="write a checkpoint every this many tokens (rounded down to whole "
+                        "optimizer steps), instead of --checkpoint-every steps")
     p.add_argument("--data", default="wiki",
                    help="training text: 'wiki' (embedded), a text file or hf:NAME[:CONFIG] "
                         "(default: wiki)")
@@ -155,16 +158,27 @@ def add_pretrain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output model folder")
 
 
-def train_config(args) -> TrainConfig:
-    """TrainConfig from the flags, pretraining's defaults under them, budget from --tokens."""
-    return from_args(TrainConfig, args, **{
+def train_config(args, seq_len: int) -> TrainConfig:
+    """TrainConfig from the flags, pretraining's defaults under them, budget from --tokens,
+    checkpoints every --checkpoint-tokens if given."""
+    cfg = from_args(TrainConfig, args, **{
         **{k: v for k, v in PRETRAIN_TRAIN_DEFAULTS.items() if not hasattr(args, k)},
         "max_tokens": args.tokens})
+    if args.checkpoint_tokens is None:
+        return cfg
+    if hasattr(args, "checkpoint_every"):
+        raise OptionsError("--checkpoint-every and --checkpoint-tokens both set the checkpoint "
+                           "interval; give one")
+    step_tokens = cfg.batch_size * cfg.grad_accum * seq_len
+    if args.checkpoint_tokens < step_tokens:
+        raise OptionsError(f"--checkpoint-tokens {args.checkpoint_tokens} is less than one "
+                           f"optimizer step of {step_tokens} tokens; raise it")
+    return replace(cfg, checkpoint_every=args.checkpoint_tokens // step_tokens)
 
 
 def cmd_pretrain(args) -> None:
     model_cfg = from_args(ModelConfig, args)
-    train_cfg = train_config(args)
+    train_cfg = train_config(args, model_cfg.seq_len)
     out = out_folder(args.out)
     if finished(out) is not None and not args.resume:
         raise OptionsError(f"{out} holds a finished pretraining run; choose another --out")

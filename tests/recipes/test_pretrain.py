@@ -1,6 +1,7 @@
 """Small-model pretraining runs: kill-and-resume, the unigram bar, averaging of checkpoints."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -86,3 +87,30 @@ def test_averages(tokenizer, tmp_path):
     s = soup([tmp_path / "r", tmp_path / "r"])
     final = load_file(tmp_path / "r" / "model.safetensors")
     assert s.keys() == final.keys() and all(torch.equal(s[k], v) for k, v in final.items())
+
+
+def test_the_command_trains_a_model_every_qalign_command_loads(tmp_path, capsys):
+    from recipes import cli
+
+    text = tmp_path / "markov.txt"
+    text.write_text(markov_text(6000, 1))
+    out = tmp_path / "tiny"
+    cli.main(["pretrain", "--data", str(text), "--width", "32", "--depth", "1",
+              "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--tokens", "1024",
+              "--checkpoint-tokens", "256", "--keep-checkpoints", "3", "--eval-tokens", "512",
+              "--out", str(out)])
+    report = json.loads((out / "qalign-pretrain.json").read_text())
+    assert report["train"]["checkpoint_every"] == 2 and report["steps"] == 8
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-000004", "step-000006", "step-000008"]
+    capsys.readouterr()
+    cli.main(["eval", "--model", str(out), "--data", str(text), "--seq-len", "32",
+              "--max-tokens", "512", "--device", "cpu", "--dtype", "float32"])
+    printed = capsys.readouterr().out
+    evaluated = json.loads(printed[printed.index("{"):])
+    # the same windows through `qalign eval` give the NLL pretraining reported
+    assert evaluated["nll"] == pytest.approx(report["heldout_nll"], abs=1e-9)
+    cli.main(["quantize", "--model", str(out), "--data", str(text), "--spec", "int4-g16",
+              "--method", "gptq", "--samples", "4", "--seq-len", "32", "--device", "cpu",
+              "--out", str(tmp_path / "q")])
+    assert (tmp_path / "q" / "qalign-quant.json").is_file()
