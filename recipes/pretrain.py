@@ -193,6 +193,8 @@ def cmd_pretrain(args) -> None:
         tokenizer = load_tokenizer(args.tokenizer)
     elif (out / "tokenizer.json").is_file():  # a resumed run keeps its own
         tokenizer = load_tokenizer(str(out))
+    elif args.branch_from and (Path(args.branch_from).parents[1] / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(str(Path(args.branch_from).parents[1]))  # the parent run's
     else:
         tokenizer = train_tokenizer(text.train, model_cfg.vocab_size)
     res = pretrain(out, text, tokenizer, model_cfg, train_cfg, resume=args.resume,
