@@ -190,17 +190,3 @@ def restore_linears(model: nn.Module) -> nn.Module:
     for name, module in qtrain_layers(model).items():
         _set(model, name, module.to_linear())
     return model
-
-
-def format_bits(spec: QuantSpec) -> tuple[int, int]:
-    """(E, M) of a float spec, for the scaling law."""
-    if spec.kind != "float":
-        raise OptionsError(f"{spec} is not a floating-point format; the law takes e{{E}}m{{M}}")
-    return spec.exp_bits, spec.man_bits
-
-
-def block_size(spec: QuantSpec, reduction: int) -> int:
-    """The law's B: the group size, the whole reduction dimension for -ch, and for -t the
-    tensor (reported as the reduction dimension too, the closest the law has)."""
-    return spec.group_size if spec.granularity == "group" else reduction
-
