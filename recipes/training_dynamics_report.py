@@ -105,6 +105,22 @@ def _report(state: dict, cfg, f: dict) -> str:
                      f"constant-LR checkpoints, mean change "
                      f"{sum(a['d_qerr'] for a in avg) / len(avg):+.4f} (FP loss "
                      f"{sum(a['d_fp'] for a in avg) / len(avg):+.4f} nats).")
+    lines += ["", "## Every setting", "",
+              "The same three comparisons for each PTQ setting (mean change in the error; "
+              "cooldowns: end minus branch point; LAWA: averaged minus raw at the same step).",
+              "", "| setting | error rose during cooldowns | mean change | LAWA lowered it | "
+              "mean change | final cosine error per peak LR |", "|---|---|---|---|---|---|"]
+    for s in cfg.settings:
+        g = findings(state, s)
+        cds, avs = g["cooldowns"], g["averaging"]
+        up = sum(c["qerr_after"] > c["qerr_before"] for c in cds)
+        down = sum(a["d_qerr"] < 0 for a in avs)
+        cos = ", ".join(f"{lr}: {v['cosine'][1]:+.4f}" for lr, v in g["by_lr"].items()
+                        if "cosine" in v)
+        mean_cd = sum(c["qerr_after"] - c["qerr_before"] for c in cds) / max(len(cds), 1)
+        mean_av = sum(a["d_qerr"] for a in avs) / max(len(avs), 1)
+        lines.append(f"| {s} | {up} of {len(cds)} | {mean_cd:+.4f} | {down} of {len(avs)} | "
+                     f"{mean_av:+.4f} | {cos} |")
     lines += ["", "## Final point of every run", "",
               "| run | tokens | FP NLL | " + " | ".join(f"{s} error" for s in cfg.settings) + " |",
               "|---|---|---|" + "---|" * len(cfg.settings)]
