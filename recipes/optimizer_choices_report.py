@@ -2,8 +2,9 @@
 computed from the measured runs (never written by hand).
 
 Every effect of a variant is its final degradation minus the baseline's of the same seed, and it
-counts as beyond noise only when the variant's degradation lies outside the range the baseline
-spans over its seeds. Paper D's directions checked: lower weight decay degrades more, fp16
+counts as beyond noise only when the variant's degradation lies outside the 95% prediction
+interval of one more baseline seed, mean +- t(0.975, n-1) std sqrt(1 + 1/n) over the n baseline
+seeds (with one seed nothing is resolved). Paper D's directions checked: lower weight decay degrades more, fp16
 degrades more than bf16; dropout and clipping effects are reported with their measured sign.
 """
 
@@ -13,6 +14,8 @@ from pathlib import Path
 
 from compare.io import atomic_write_text, write_csv, write_json
 from compare.plots import new_figure, save_figure
+from scipy import stats as sps
+
 from compare.stats import correlation_interval, seed_spread
 
 __all__ = ["findings", "write_outputs"]
@@ -20,6 +23,15 @@ __all__ = ["findings", "write_outputs"]
 
 def _baselines(state) -> list[dict]:
     return [r for r in state["runs"].values() if r["changed"] is None]
+
+
+def noise_band(floor: dict, level: float = 0.95) -> tuple[float, float] | None:
+    """The prediction interval of one more baseline seed, or None with fewer than two seeds."""
+    if floor["std"] is None:
+        return None
+    n = floor["n"]
+    half = float(sps.t.ppf((1 + level) / 2, n - 1)) * floor["std"] * (1 + 1 / n) ** 0.5
+    return floor["mean"] - half, floor["mean"] + half
 
 
 def findings(state: dict, cfg) -> dict:
@@ -34,9 +46,11 @@ def findings(state: dict, cfg) -> dict:
             continue
         for s in settings:
             d = r["final"]["degradation"][s]
+            band = noise_band(floor[s])
             effects.append({"run": rid, "changed": r["changed"], "setting": s,
                             "degradation": d, "delta": d - first["final"]["degradation"][s],
-                            "beyond_noise": not floor[s]["min"] <= d <= floor[s]["max"]})
+                            "noise_band": band,
+                            "beyond_noise": band is not None and not band[0] <= d <= band[1]})
     runs = list(state["runs"].values())
     early_final = {s: correlation_interval([r["early"]["degradation"][s] for r in runs],
                                            [r["final"]["degradation"][s] for r in runs])
@@ -73,8 +87,8 @@ def _paper_claims(state, cfg, f) -> list[str]:
         agree = [e for e in effects if (e["delta"] > 0) == worse and e["beyond_noise"]]
         verdict = ("shows up" if len(agree) == len(effects) else
                    "does not show up" if not agree else "shows up partly")
-        detail = "; ".join(f"{e['setting']} {e['delta']:+.2f} points"
-                           f"{'' if e['beyond_noise'] else ' (within the seed spread)'}"
+        detail = "; ".join(f"{e['setting']} {e['delta']:+.3f} points"
+                           f"{' (beyond the seed noise)' if e['beyond_noise'] else ''}"
                            for e in effects)
         lines.append(f"- **{claim}** ({verdict}): {changed} changes the degradation by "
                      f"{detail}.")
@@ -89,10 +103,13 @@ def _report(state, cfg, f) -> str:
              f"Training {state['seconds']['train'] / 60:.1f} min, measuring "
              f"{state['seconds']['measure'] / 60:.1f} min (this machine, summed over invocations)."
              , "", "## Findings", ""]
-    spread = ", ".join(f"{s} {v['mean']:+.2f} [{v['min']:+.2f}, {v['max']:+.2f}]"
-                       for s, v in f["floor"].items())
+    spread = ", ".join(
+        f"{s} {v['mean']:+.3f} [{v['min']:+.3f}, {v['max']:+.3f}]"
+        + (f", one more seed within [{b[0]:+.3f}, {b[1]:+.3f}]" if (b := noise_band(v)) else "")
+        for s, v in f["floor"].items())
     lines.append(f"- **Seed-to-seed spread of the baseline** ({len(_baselines(state))} seeds; "
-                 f"mean [min, max] in percent): {spread}. Effects inside it are not resolved.")
+                 f"mean [min, max] in percent, and the 95% prediction interval of one more "
+                 f"seed): {spread}. A variant inside that interval is not resolved.")
     lines += _paper_claims(state, cfg, f)
     for s in settings:
         lines.append(f"- **Early checkpoint predicts final degradation** ({s}): Spearman "
