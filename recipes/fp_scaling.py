@@ -40,6 +40,9 @@ from recipes.training_common import RecipeSpec, Workbench
 __all__ = ["FPScalingConfig", "PRESETS", "plan", "run_recipe", "build_parser", "run", "SCHEMA"]
 
 SCHEMA = "qalign.fp-scaling/1"
+# When the runs cannot identify the constants asked for, the fallback fit: the size and data
+# coefficients and the irreducible loss, with the exponents and the precision term published
+SCALE_ONLY = ("n", "d", "eps")
 _CUSTOM = re.compile(r"^w(\d+)d(\d+)$")
 
 
@@ -189,11 +192,13 @@ def run_recipe(cfg: FPScalingConfig, out: Path, *, fresh: bool = False,
                   f"{report['heldout_nll_plain']:.4f})", flush=True)
         write_json(path, state)
     runs = list(state["runs"].values())
-    try:
-        state["fit"] = fit(runs, free=cfg.fit_free).to_dict()
-        state["fit_error"] = None
-    except OptionsError as e:  # reported, not fatal: the runs stay
-        state["fit"], state["fit_error"] = None, str(e)
+    state["fit"], state["fit_error"] = None, None
+    for free in (cfg.fit_free, SCALE_ONLY):
+        try:
+            state["fit"] = fit(runs, free=free).to_dict()
+            break
+        except OptionsError as e:  # reported, not fatal: the runs stay
+            state["fit_error"] = state["fit_error"] or str(e)
     state["published"] = dataclasses.asdict(PUBLISHED)
     write_outputs(state, cfg, out)
     return state

@@ -51,7 +51,7 @@ def _plot_loss_vs_tokens(state, cfg, c, path: Path) -> None:
         if Ds[0] <= d_crit <= Ds[-1]:
             ax.axvline(d_crit, color=line.get_color(), ls=":", lw=0.8)
     ax.set(xscale="log", xlabel="training tokens D", ylabel="held-out loss",
-           title=f"model {size}, blocks of {B}: runs (dots), fitted law (lines), D_crit (dotted)")
+           title=f"model {size}, B = {B}: runs (dots), fitted law (lines)")
     ax.legend(fontsize=7)
     save_figure(fig, path)
 
@@ -76,6 +76,11 @@ def _report(state, cfg, c) -> str:
              f"(`qaft.fp_train`). Training {state['seconds']['train'] / 60:.1f} min, measuring "
              f"{state['seconds']['measure'] / 60:.1f} min (this machine).", "",
              "## Fitted constants", ""]
+    if state.get("fit_error"):
+        lines += [f"The fit of {', '.join(cfg.fit_free)} failed: {state['fit_error']}.", ""]
+        if state.get("fit"):
+            lines += [f"Fallback: {', '.join(state['fit']['fitted'])} fitted, the other "
+                      "constants at their published values.", ""]
     if state.get("fit"):
         f = state["fit"]
         lines += ["| constant | fitted here | published |", "|---|---|---|"]
@@ -85,9 +90,25 @@ def _report(state, cfg, c) -> str:
             lines.append(f"| {k} | {v:.4g}{mark} | {state['published'][k]:.4g} |")
         lines += ["", f"RMSE of the fit: {f['rmse']:.4f} nats over {f['n_runs']} runs."]
     else:
-        lines.append(f"No fit: {state.get('fit_error')}")
+        lines.append("No fit.")
     lines += ["", "## Findings", ""]
-    if c is not None:
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["size"], r["D"], r["B"]), []).append(r)
+    spread = [max(x["loss"] for x in g) - min(x["loss"] for x in g) for g in groups.values()]
+    law = [float(max(predict(x["N"], x["D"], x["E"], x["M"], x["B"]) for x in g)
+                 - min(predict(x["N"], x["D"], x["E"], x["M"], x["B"]) for x in g))
+           for g in groups.values()]
+    best = {}
+    for g in groups.values():
+        winner = min(g, key=lambda x: x["loss"])["format"]
+        best[winner] = best.get(winner, 0) + 1
+    lines.append(f"- **Format effect**: within each (size, D, B) group the {len(cfg.formats)} "
+                 f"formats' losses span {sum(spread) / len(spread):.4f} nats on average (largest "
+                 f"{max(spread):.4f}); the published law predicts spans of "
+                 f"{sum(law) / len(law):.2g} nats at these N and D. Lowest loss per group: "
+                 + ", ".join(f"{f} {k}x" for f, k in sorted(best.items())) + ".")
+    if c is not None and {"dl", "nu"} & set(state["fit"]["fitted"]):
         widths = {P: (best_layout(P, c), best_layout(P, PUBLISHED)) for P in (4, 6, 8)}
         same = sum(a == b for a, b in widths.values())
         lines.append("- **Best exponent/mantissa split** (fitted vs published): " + ", ".join(
