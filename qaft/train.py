@@ -42,7 +42,6 @@ best state and its step are part of the checkpoints, so a resumed run keeps them
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -59,10 +58,11 @@ from ptq.metrics import relative_output_error
 
 from .checkpoints import (checkpoint_meta, latest_checkpoint, load_checkpoint, rng_state,
                           save_checkpoint, set_rng_state)
+from .continuation import check_branch, check_resume
 from .data import DataSource, TokenBlocks
 from .distill import LOSSES, causal_nll, kd_loss
 from .fake_quant import FakeQuantLinear, fake_quant_layers
-from .schedules import SCHEDULES, first_lr_difference, lr_factor
+from .schedules import SCHEDULES, lr_factor
 
 __all__ = ["TrainConfig", "TrainResult", "finetune", "lr_factor", "param_groups", "SCHEDULES",
            "DataSource", "TokenBlocks"]
@@ -254,52 +254,6 @@ def _local_references(model: nn.Module, local_inputs, local_reference) -> dict[s
     return refs
 
 
-def _check_resumable(meta: dict, config: TrainConfig, world: int, source: DataSource, path) -> None:
-    mine = json.loads(json.dumps(asdict(config)))  # as the checkpoint's JSON stores it
-    # a field the checkpoint lacks is newer than it: that run had the field's default behaviour
-    theirs = {**json.loads(json.dumps(asdict(TrainConfig()))), **meta["config"]}
-    changed = [f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in mine.items()
-               if theirs.get(k) != v]
-    if changed:
-        raise OptionsError(f"the checkpoint {path} was written under another TrainConfig ("
-                           f"{'; '.join(changed)}); resume with the same config, or start a new "
-                           "run in another checkpoint_dir")
-    if meta["world_size"] != world or meta["data"] != [source.num_blocks, source.seq_len]:
-        raise OptionsError(f"the checkpoint {path} was written by {meta['world_size']} process(es)"
-                           f" on data {meta['data']} (blocks, seq_len); this run has {world} on "
-                           f"{[source.num_blocks, source.seq_len]}; resume with the same ones")
-
-
-_SCHEDULE_FIELDS = ("schedule", "max_steps", "max_tokens", "epochs", "decay_fraction",
-                    "decay_steps", "min_lr_ratio")
-# fields that only say what is recorded or written: a branch may change them too
-_RECORD_FIELDS = ("checkpoint_every", "keep_checkpoints", "local_every", "eval_every",
-                  "validate_every", "patience", "restore_best")
-
-
-def _check_branchable(meta: dict, config: TrainConfig, world: int, source: DataSource, path,
-                      per_step: int, total_steps: int) -> None:
-    """A branch keeps everything of its parent but the schedule and budget, and its learning
-    rates agree with the parent's up to the branch point."""
-    _check_resumable({**meta, "config": {**meta["config"], **{
-        k: v for k, v in json.loads(json.dumps(asdict(config))).items()
-        if k in _SCHEDULE_FIELDS + _RECORD_FIELDS}}}, config, world, source, path)
-    parent = TrainConfig(**{**asdict(TrainConfig()), **meta["config"]})
-    step = meta["step"]
-    if step >= total_steps:
-        raise OptionsError(f"the branch point {path} is at step {step}, at or after the end of "
-                           f"this run ({total_steps} steps); give the branch a budget beyond "
-                           "its branch point (max_steps = branch step + cooldown steps)")
-    parent_total = _total_steps(parent, source, per_step)
-    diverges = first_lr_difference(parent, parent_total, config, total_steps, step)
-    if diverges is not None:
-        raise OptionsError(
-            f"this run's learning rate at step {diverges} differs from that of the run it "
-            f"branches from ({path}, step {step}): a branch must follow its parent's schedule "
-            "up to the branch point; e.g. parent constant with warmup W, branch wsd with the "
-            "same warmup, decay_steps D and max_steps = branch step + D")
-
-
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """CPU copies of everything training changes: the parameters with requires_grad, and the
     scale/zero buffers of the fake-quantized layers."""
@@ -435,9 +389,10 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
     if latest is not None:
         meta = checkpoint_meta(latest)
         if branching:  # before touching the model
-            _check_branchable(meta, config, world, source, latest, per_step, total_steps)
+            check_branch(meta, config, world, source, latest, total_steps,
+                         lambda parent: _total_steps(parent, source, per_step))
         else:
-            _check_resumable(meta, config, world, source, latest)
+            check_resume(meta, config, world, source, latest)
             origin = meta.get("branched_from")
         tensors = load_checkpoint(latest, model)
         optimizer.load_state_dict(tensors["optimizer"])
