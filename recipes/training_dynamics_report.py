@@ -11,6 +11,7 @@ Findings, each for the focus setting (default GPTQ int3):
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from compare.io import atomic_write_text, write_csv, write_json
@@ -62,28 +63,46 @@ def findings(state: dict, focus: str) -> dict:
                 averaging.append({"peak_lr": p["peak_lr"], "step": p["step"],
                                   "d_qerr": p["qerr"][focus] - raw["qerr"][focus],
                                   "d_fp": p["fp_nll"] - raw["fp_nll"]})
+    # the noise floor: how much the error moves between consecutive constant-LR checkpoints
+    steps = []
+    for rid, r in state["runs"].items():
+        if r["kind"] == "constant":
+            q = [p["qerr"][focus] for p in _points(state, run=rid, averaged=False)]
+            steps += [b - a for a, b in zip(q, q[1:])]
+    noise = statistics.pstdev(steps) if len(steps) > 1 else 0.0
     return {"cooldowns": cooldowns, "by_lr": {str(k): v for k, v in sorted(by_lr.items())},
-            "averaging": averaging}
+            "averaging": averaging, "noise": noise}
 
 
-def _verdict(k: int, n: int) -> str:
+def _verdict(agree: int, against: int, n: int) -> str:
+    """From the cases that moved beyond the noise floor in the paper's direction or against it."""
     if n == 0:
         return "not measured"
-    return "shows up" if k == n else ("does not show up" if k == 0 else "shows up partly")
+    if agree == against:
+        return ("not resolved: every change is within the noise" if agree == 0
+                else "not resolved")
+    if against == 0 and 2 * agree >= n:
+        return "shows up"
+    return "shows up partly" if agree > against else "does not show up"
 
 
 def _report(state: dict, cfg, f: dict) -> str:
     focus = cfg.focus
     cd, avg = f["cooldowns"], f["averaging"]
-    rises = sum(c["qerr_after"] > c["qerr_before"] for c in cd)
+    noise = f["noise"]
+    up = sum(c["qerr_after"] - c["qerr_before"] > noise for c in cd)
+    down = sum(c["qerr_after"] - c["qerr_before"] < -noise for c in cd)
     lines = [f"# Training dynamics and PTQ robustness ({cfg.size} model, {cfg.data})", "",
              f"Quantization error = CE(Wq)/CE(W) - 1 on {cfg.eval_tokens:,} held-out tokens; "
              f"focus setting {focus}. Runs: {len(state['runs'])}; measured points: "
              f"{len(state['points'])}; training {state['seconds']['train'] / 60:.1f} min, "
              f"measuring {state['seconds']['measure'] / 60:.1f} min (this machine, summed over "
-             "invocations).", "", "## Findings", ""]
-    lines.append(f"- **Error rises when the learning rate decays** ({_verdict(rises, len(cd))}): "
-                 f"the {focus} error rose during {rises} of {len(cd)} WSD cooldowns"
+             "invocations).", "", "## Findings", "",
+             f"A change counts only beyond the noise floor {noise:.4f}: the standard deviation of "
+             f"the {focus} error between consecutive constant-LR checkpoints.", ""]
+    lines.append(f"- **Error rises when the learning rate decays** "
+                 f"({_verdict(up, down, len(cd))}): the {focus} error rose beyond the noise "
+                 f"during {up} of {len(cd)} WSD cooldowns and fell beyond it during {down}"
                  + (f" (mean change {sum(c['qerr_after'] - c['qerr_before'] for c in cd) / len(cd):+.4f}"
                     f", while the FP loss changed by "
                     f"{sum(c['fp_after'] - c['fp_before'] for c in cd) / len(cd):+.4f} nats)."
@@ -95,14 +114,17 @@ def _report(state: dict, cfg, f: dict) -> str:
             if len(vals) > 1:
                 best = min(vals, key=lambda v: v[1])[0]
                 order = ", ".join(f"{lr}: {q:+.4f}" for lr, q in vals)
-                lines.append(f"- **Higher peak LR, lower error** ({family}, "
-                             f"{'shows up' if best == lrs[-1] else 'does not show up'}): final "
+                span = max(q for _, q in vals) - min(q for _, q in vals)
+                verdict = ("not resolved" if span <= noise else
+                           "shows up" if best == lrs[-1] else "does not show up")
+                lines.append(f"- **Higher peak LR, lower error** ({family}, {verdict}): final "
                              f"{focus} error per peak LR {order}; lowest at {best}.")
-    lower = sum(a["d_qerr"] < 0 for a in avg)
+    lower = sum(a["d_qerr"] < -noise for a in avg)
+    higher = sum(a["d_qerr"] > noise for a in avg)
     if avg:
         lines.append(f"- **Averaging (LAWA, last {cfg.lawa_window} checkpoints) lowers the error**"
-                     f" ({_verdict(lower, len(avg))}): lower at {lower} of {len(avg)} "
-                     f"constant-LR checkpoints, mean change "
+                     f" ({_verdict(lower, higher, len(avg))}): lower beyond the noise at {lower} "
+                     f"and higher at {higher} of {len(avg)} constant-LR checkpoints, mean change "
                      f"{sum(a['d_qerr'] for a in avg) / len(avg):+.4f} (FP loss "
                      f"{sum(a['d_fp'] for a in avg) / len(avg):+.4f} nats).")
     lines += ["", "## Every setting", "",

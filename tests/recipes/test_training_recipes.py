@@ -2,6 +2,7 @@
 optimizer-choices (paper D)."""
 
 import json
+import statistics
 
 import pytest
 
@@ -51,6 +52,9 @@ def test_training_dynamics_end_to_end(corpus, tmp_path):
     assert pts["cosine-lr0.01@8"]["fp_nll"] == pytest.approx(saved["heldout_nll"], abs=1e-9)
     f = state["findings"]
     assert len(f["cooldowns"]) == 2 and len(f["averaging"]) == 3
+    # the noise floor: the spread of the error between consecutive constant-LR checkpoints
+    q = [pts[f"constant-lr0.01@{s}"]["qerr"]["gptq:int3-g64"] for s in (2, 4, 6, 8)]
+    assert f["noise"] == pytest.approx(statistics.pstdev([b - a for a, b in zip(q, q[1:])]))
     for name in ("report.md", "points.csv", "trajectories.png", "quantized_vs_fp.png",
                  "averaging.png"):
         assert (tmp_path / name).is_file()
