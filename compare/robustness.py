@@ -13,6 +13,7 @@ CE(Wq) - CE(W) in nats per token.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -66,10 +67,9 @@ def quantized_nll(model: nn.Module, setting: Setting, windows: torch.Tensor,
     needs = get_method(setting.method).needs_data
     quantize_model(model, setting.spec, setting.method, calib=calib if needs else None,
                    progress=progress)
-    if setting.act_bits:
-        with quantized_inputs(model, setting.act_bits):
-            return evaluate_nll(model, windows, batch_size=batch_size, progress=progress).nll
-    return evaluate_nll(model, windows, batch_size=batch_size, progress=progress).nll
+    rounding = quantized_inputs(model, setting.act_bits) if setting.act_bits else nullcontext()
+    with rounding:
+        return evaluate_nll(model, windows, batch_size=batch_size, progress=progress).nll
 
 
 def relative_increase(fp_nll: float, q_nll: float) -> float:

@@ -25,10 +25,12 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
+
 from compare.data import TextSplits, load_text, tokenize
 from compare.evaluate import evaluate_nll, heldout_windows
 from compare.io import write_json
-from compare.models import load_model, load_tokenizer
+from compare.models import load_tokenizer
 from ptq.errors import OptionsError
 from qaft.checkpoints import checkpoint_meta
 from qaft.fp_train import QTrainConfig, prepare_qtrain, restore_linears
@@ -57,7 +59,9 @@ def pretrain(out: str | os.PathLike, text: TextSplits, tokenizer, model_cfg: Mod
              train_cfg: TrainConfig, *, resume: bool = False,
              branch_from: str | os.PathLike | None = None, eval_fn=None,
              eval_tokens: int = 16384, progress: bool = True,
-             qtrain: QTrainConfig | None = None, extra: dict | None = None) -> PretrainResult:
+             qtrain: QTrainConfig | None = None, extra: dict | None = None,
+             train_tokens: torch.Tensor | None = None,
+             windows: torch.Tensor | None = None) -> PretrainResult:
     """Train `model_cfg`'s model on text.train as `train_cfg` says (its max_tokens or max_steps
     is the budget) and write OUT as a transformers model folder with its tokenizer and
     qalign-pretrain.json (configs, history, parameters, seconds, the held-out NLL on eval_tokens
@@ -68,7 +72,8 @@ def pretrain(out: str | os.PathLike, text: TextSplits, tokenizer, model_cfg: Mod
     recorded every train_cfg.eval_every steps. qtrain: quantized training (paper C,
     `qaft.fp_train`): the decoder blocks' linear layers compute with rounded GEMM inputs; the
     saved model is plain, and heldout_nll is measured as trained (forward rounding on) with
-    heldout_nll_plain beside it."""
+    heldout_nll_plain beside it. train_tokens (text.train tokenized) and windows (its held-out
+    windows) spare a caller with many runs on one text the tokenization of each."""
     out = Path(out)
     if train_cfg.epochs != 1 or not (train_cfg.max_tokens or train_cfg.max_steps):
         raise OptionsError("pretraining is budgeted in tokens or steps: set max_tokens (or "
@@ -84,8 +89,11 @@ def pretrain(out: str | os.PathLike, text: TextSplits, tokenizer, model_cfg: Mod
             raise OptionsError(f"the branch point {branch_from} is at step {at}, at or after "
                                f"the end of this run ({steps} steps of {step_tokens} tokens); "
                                "give the branch a budget beyond its branch point")
-    blocks = train_blocks(tokenize(tokenizer, text.train), model_cfg.seq_len)
-    windows, _ = heldout_windows(tokenizer, text, model_cfg.seq_len, eval_tokens)
+    if train_tokens is None:
+        train_tokens = tokenize(tokenizer, text.train)
+    if windows is None:
+        windows, _ = heldout_windows(tokenizer, text, model_cfg.seq_len, eval_tokens)
+    blocks = train_blocks(train_tokens, model_cfg.seq_len)
     check_memory(model_cfg, train_cfg.batch_size)
     model = build_model(model_cfg, tokenizer)
     params = parameter_count(model)
@@ -205,4 +213,3 @@ def cmd_pretrain(args) -> None:
           f"({res.epochs:.2f} epochs) in {t.seconds:.0f} s "
           f"({t.tokens_processed / max(t.seconds, 1e-9):,.0f} tokens/s)")
     print(f"held-out NLL {res.heldout_nll:.4f} (unigram model {res.unigram_nll:.4f}) -> {out}")
-    load_model(str(out), with_tokenizer=True)  # what every qalign command will do with it

@@ -1,4 +1,4 @@
-"""What the training recipes (training-dynamics, optimizer-choices) share: one tokenizer per output
+"""What the training recipes (training-dynamics, optimizer-choices, fp-scaling) share: one tokenizer per output
 folder, small-model runs through `qaft.pretrain` that resume where they stopped and are skipped
 once finished, and the PTQ robustness of a checkpoint (`compare.robustness`) measured the same way
 for every run: held-out NLL in full precision and after each PTQ setting, calibrated on one fixed
@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_model as load_safetensors
 
-from compare.data import DataBudget, budget_blocks, load_text
+from compare.data import DataBudget, budget_blocks, load_text, tokenize
 from compare.evaluate import evaluate_nll, heldout_windows
 from compare.models import load_tokenizer
 from compare.robustness import parse_setting, quantized_nll, relative_increase
@@ -50,6 +50,7 @@ class Workbench:
         else:
             self.tokenizer = train_tokenizer(self.text.train, vocab_size)
             self.tokenizer.save_pretrained(folder)
+        self.train_tokens = tokenize(self.tokenizer, self.text.train)  # once for every run
         self.windows, _ = heldout_windows(self.tokenizer, self.text, seq_len, eval_tokens)
         self.calib = budget_blocks(self.tokenizer, self.text, DataBudget(calib_samples, seq_len))
         self._models: dict[str, torch.nn.Module] = {}
@@ -68,8 +69,8 @@ class Workbench:
                                   "to retrain it")
         else:
             pretrain(run_dir, self.text, self.tokenizer, model_cfg, train_cfg, resume=True,
-                     branch_from=branch_from, eval_tokens=self.windows.numel(),
-                     progress=self.progress, qtrain=qtrain)
+                     branch_from=branch_from, progress=self.progress, qtrain=qtrain,
+                     train_tokens=self.train_tokens, windows=self.windows)
             report = finished(run_dir)
         return report
 
