@@ -11,6 +11,7 @@ import numpy as np
 from compare.fp_law import PUBLISHED, LawConstants, best_layout, critical_data, predict
 from compare.io import atomic_write_text, write_csv, write_json
 from compare.plots import new_figure, save_figure
+from ptq.formats import parse_spec
 
 __all__ = ["write_outputs"]
 
@@ -126,6 +127,19 @@ def _report(state, cfg, c) -> str:
         by_fmt.setdefault(r["format"], []).append(r["loss"])
     lines.append("- **Mean held-out loss per training format**: " + ", ".join(
         f"{f} {sum(v) / len(v):.4f}" for f, v in by_fmt.items()) + ".")
+    widths = {}
+    for f in cfg.formats:
+        widths.setdefault(parse_spec(f).bits, []).append(f)
+    for P, fmts in sorted(widths.items()):
+        if len(fmts) > 1:
+            wins = {f: sum(min(fmts, key=lambda x: next(
+                r["loss"] for r in g if r["format"] == x)) == f for g in groups.values())
+                for f in fmts}
+            lines.append(f"- **Best {P}-bit split per group**: " + ", ".join(
+                f"{f} lowest in {k} of {len(groups)}" for f, k in wins.items()) + ".")
+    worst = max(abs(v) for r in runs for v in r["ptq"]["qerr"].values())
+    lines.append(f"- **PTQ of the trained models** ({', '.join(cfg.ptq_settings)}) changes "
+                 f"their held-out loss by at most {100 * worst:.3f}%.")
     lines += ["", "## PTQ of the trained models (plain weights, held-out NLL)", "",
               "| run | loss as trained | plain weights | " + " | ".join(cfg.ptq_settings) + " |",
               "|---|---|---|" + "---|" * len(cfg.ptq_settings)]

@@ -130,8 +130,9 @@ def _report(state: dict, cfg, f: dict) -> str:
     lines += ["", "## Every setting", "",
               "The same three comparisons for each PTQ setting (mean change in the error; "
               "cooldowns: end minus branch point; LAWA: averaged minus raw at the same step).",
-              "", "| setting | error rose during cooldowns | mean change | LAWA lowered it | "
-              "mean change | final cosine error per peak LR |", "|---|---|---|---|---|---|"]
+              "", "| setting | error over all checkpoints | error rose during cooldowns | "
+              "mean change | LAWA lowered it | mean change | final cosine error per peak LR |",
+              "|---|---|---|---|---|---|---|"]
     for s in cfg.settings:
         g = findings(state, s)
         cds, avs = g["cooldowns"], g["averaging"]
@@ -141,7 +142,9 @@ def _report(state: dict, cfg, f: dict) -> str:
                         if "cosine" in v)
         mean_cd = sum(c["qerr_after"] - c["qerr_before"] for c in cds) / max(len(cds), 1)
         mean_av = sum(a["d_qerr"] for a in avs) / max(len(avs), 1)
-        lines.append(f"| {s} | {up} of {len(cds)} | {mean_cd:+.4f} | {down} of {len(avs)} | "
+        errs = [p["qerr"][s] for p in state["points"].values() if not p["averaged"]]
+        lines.append(f"| {s} | {min(errs):+.4f} to {max(errs):+.4f} | {up} of {len(cds)} | "
+                     f"{mean_cd:+.4f} | {down} of {len(avs)} | "
                      f"{mean_av:+.4f} | {cos} |")
     lines += ["", "## Final point of every run", "",
               "| run | tokens | FP NLL | " + " | ".join(f"{s} error" for s in cfg.settings) + " |",
