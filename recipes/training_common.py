@@ -41,7 +41,7 @@ class Workbench:
 
     def __init__(self, out: Path, *, data: str, vocab_size: int, seq_len: int, eval_tokens: int,
                  calib_samples: int, settings, progress: bool = True):
-        self.out, self.progress = out, progress
+        self.progress = progress
         self.settings = settings_of(settings)
         self.text = load_text(data)
         folder = out / "tokenizer"
