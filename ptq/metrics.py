@@ -17,6 +17,8 @@ nearly exact). `block_error_sums` gives the two sums, to accumulate over batches
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["layer_loss", "output_energy", "relative_output_error",
@@ -24,17 +26,32 @@ __all__ = ["layer_loss", "output_energy", "relative_output_error",
            "output_error_sums", "block_error_sums", "ratio", "weight_relative_error"]
 
 
+def _pow2(x: torch.Tensor) -> float:
+    """The power of two nearest above |x|'s largest entry (1 for zero or non-finite): dividing
+    by it is exact, so a scaled product rounds exactly like the unscaled one."""
+    m = x.detach().abs().max().double()
+    return 1.0 if not 0 < m < math.inf else 2.0 ** int(torch.frexp(m).exponent)
+
+
+def _quadratic(A: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(A H A^T) with A float64: the (rows x n x n) GEMM runs in float32 on A and H scaled by
+    powers of two, so entries near float32's limits neither overflow nor flush to zero (for
+    ordinary entries the result is the unscaled float32 computation, bit for bit)."""
+    a, h = _pow2(A), _pow2(H)
+    As = A / a
+    return float(((As.float() @ (H.float() / h)).double() * As).sum()) * (a * a * h)
+
+
 def layer_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
     """tr((W - Wq) H (W - Wq)^T): GPTQ's proxy loss, 2/m ||X dW^T||^2. The (rows x n x n) GEMM
     runs in float32 (a float64 one would cost as much as GPTQ itself on large layers); the
     difference and the final sum are float64."""
-    dW = W.detach().to(torch.float64) - Wq.detach().to(torch.float64)
-    return float(((dW.float() @ H.float()).double() * dW).sum())
+    return _quadratic(W.detach().to(torch.float64) - Wq.detach().to(torch.float64), H.detach())
 
 
 def output_energy(W: torch.Tensor, H: torch.Tensor) -> float:
     """tr(W H W^T) = 2/m ||X W^T||^2, the denominator of the relative output error."""
-    return float(((W.detach().float() @ H.float()).double() * W.detach().double()).sum())
+    return _quadratic(W.detach().to(torch.float64), H.detach())
 
 
 @torch.no_grad()

@@ -156,3 +156,23 @@ def test_gptq_on_weights_near_the_maximum_is_rtn_or_a_clear_overflow_error(spec)
     with pytest.raises(NonFiniteError, match="GPTQ's result .* updates overflowed on weights up "
                                              "to 3e\\+38; quantize this layer with rtn"):
         ptq.gptq_quantize(W, H, spec, damp=0.0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e37, 1e-30])
+def test_the_proxy_loss_is_finite_and_exact_at_any_scale(scale):
+    # 1e37: W H overflows float32 unless scaled; 1e-30: W W^T would flush to zero
+    g = torch.Generator().manual_seed(0)
+    X = 30 * torch.randn(64, 16, generator=g, dtype=torch.float64)
+    H = (2 / 64) * X.T @ X
+    W = torch.randn(8, 16, generator=g, dtype=torch.float64) * scale
+    Wq = W + 0.1 * scale * torch.randn(8, 16, generator=g, dtype=torch.float64)
+    dW = W - Wq
+    want = float(torch.trace(dW @ H @ dW.T))  # float64 throughout
+    got = ptq.layer_loss(W.float(), Wq.float(), H.float())
+    assert math.isfinite(got) and got == pytest.approx(want, rel=1e-5)
+    energy = ptq.metrics.output_energy(W.float(), H.float())
+    assert energy == pytest.approx(float(torch.trace(W.float().double() @ H @ W.float().double().T)),
+                                   rel=1e-5)
+    if scale == 1.0:  # ordinary magnitudes: the plain float32 GEMM, bit for bit
+        d = W.float().double() - Wq.float().double()
+        assert got == float(((d.float() @ H.float()).double() * d).sum())
