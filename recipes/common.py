@@ -91,10 +91,11 @@ def versions() -> dict:
     return out
 
 
-def previous_results(path, config: dict, fresh: bool, is_ours) -> dict | None:
+def previous_results(path, config: dict, fresh: bool, is_ours, extends=None) -> dict | None:
     """The results a previous run of the same config left at `path` (resume), or None. A file
     that `is_ours(obj)` rejects (damaged, foreign) or that holds another config is an error
-    rather than something silently mixed in or overwritten."""
+    rather than something silently mixed in or overwritten, unless `extends(old, new)` says the
+    new config only adds units to the old one (the caller then records the change)."""
     damaged = (f"{path} is not a results file of this recipe (damaged, or written by something "
                "else); use another --out, or --fresh to replace it")
     try:
@@ -105,7 +106,8 @@ def previous_results(path, config: dict, fresh: bool, is_ours) -> dict | None:
         return None
     if not isinstance(previous, dict) or not is_ours(previous):
         raise ConfigError(damaged)
-    if previous.get("config") != config:
+    if previous.get("config") != config and not (extends and extends(previous.get("config"),
+                                                                        config)):
         raise ConfigError(f"{path} holds results of another config; use another --out, or "
                           "--fresh to discard them")
     return previous

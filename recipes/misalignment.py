@@ -16,7 +16,8 @@ width and the random-direction radius, and the summary (recipes.misalignment_rep
 
 DIR/results.json (schema in recipes.misalignment_report.SCHEMA_DOC), DIR/layers.csv, DIR/*.png
 and DIR/report.md. Each finished unit (a solution, a sensitivity sweep, the radius) is written
-atomically as it completes; a rerun with the same config skips them.
+atomically as it completes; a rerun with the same config skips them, and a rerun that only adds
+widths, methods or seeds (same first seed, everything else equal) measures just the new units.
 """
 
 from __future__ import annotations
@@ -36,12 +37,43 @@ from recipes.misalignment_config import (PRESETS, MisalignmentConfig, add_config
 from recipes.misalignment_report import SCHEMA, SCHEMA_DOC, write_outputs
 from recipes.misalignment_study import Plan, Study, measure, plan_runs, sensitivity
 
-__all__ = ["Plan", "plan_runs", "run_study", "run", "build_parser", "config_from_args", "main"]
+__all__ = ["Plan", "plan_runs", "extends", "run_study", "run", "build_parser", "config_from_args", "main"]
+
+
+GROWS = ("bits", "methods", "seeds")  # config fields a study may grow by on resume
+
+
+def extends(old: dict | None, new: dict) -> bool:
+    """Whether `new` only adds units (widths, methods, seeds) to the study `old` configured:
+    every other field equal, and the same first seed, which also seeds the random directions.
+    A unit depends on its (method, spec, seed) and these fields only, so the finished ones
+    stand."""
+    if not isinstance(old, dict) or old.keys() != new.keys():
+        return False
+    same = all(old[k] == new[k] for k in new if k not in GROWS)
+    return (same and all(set(old[k]) <= set(new[k]) for k in GROWS)
+            and old["seeds"][:1] == new["seeds"][:1])
 
 
 def _load_state(path: Path, cfg: MisalignmentConfig, fresh: bool) -> dict:
     config = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    previous = previous_results(path, config, fresh, lambda obj: obj.get("schema") == SCHEMA)
+    previous = previous_results(path, config, fresh, lambda obj: obj.get("schema") == SCHEMA,
+                                extends)
+    if previous is not None and previous["config"] != config:
+        # grown: re-key the finished runs by the new ids (one seed keeps plain ids, several
+        # append @SEED), start the report's derived parts afresh, record what was added
+        unit = {(r["method"], r["spec"], r["variant"], r["seed"]): r
+                for r in previous["runs"].values()}
+        runs = {}
+        for plan in plan_runs(cfg):
+            row = unit.get((plan.method, plan.spec, plan.variant, plan.seed))
+            if row is not None:
+                runs[plan.id] = {**row, "id": plan.id}
+        previous["extended"] = [*previous.get("extended", []),
+                                {k: sorted(set(config[k]) - set(previous["config"][k]))
+                                 for k in GROWS} | {"versions": versions()}]
+        previous.update(config=config, runs=runs)
+        previous.pop("alignment", None)
     if previous is not None:
         return previous
     return {"schema": SCHEMA, "config": config, "versions": versions(), "fp_probe_nll": None,
@@ -66,7 +98,8 @@ def run_study(cfg: MisalignmentConfig, out: Path, *, device: str = "auto", fresh
                         "probe_windows": study.probe_windows.shape[0],
                         "seq_len": cfg.eval_seq_len, "bos": study.bos_id is not None}
     state["timings"]["setup_s"] = time.perf_counter() - t0
-    for plan in plan_runs(cfg):
+    plans = plan_runs(cfg)
+    for plan in plans:
         if plan.id in state["runs"]:
             continue
         row = measure(study, plan)
@@ -87,6 +120,7 @@ def run_study(cfg: MisalignmentConfig, out: Path, *, device: str = "auto", fresh
                                            batch_size=cfg.batch_size),
                            "limit_nll": study.limit, "seconds": time.perf_counter() - t1}
     state["timings"]["this_invocation_s"] = time.perf_counter() - t0
+    state["runs"] = {p.id: state["runs"][p.id] for p in plans}  # plan order, also when grown
     write_outputs(state, out)
     return state
 

@@ -68,6 +68,8 @@ SCHEMA_DOC = """results.json (schema "qalign.misalignment/3"):
                   window NLL of B - A), low, high, ratio (ppl B / A), ratio_low, ratio_high,
                   excludes_zero}], holds ("a", "b" or null), seeds}}}}
   timings         setup_s, this_invocation_s
+  extended        (when a rerun grew the study) per growth: the bits, methods and seeds it
+                  added, and the versions it ran with
 Correlations are null where undefined (fewer than 3 points or a constant side)."""
 
 MAIN = ("rtn", "gptq", "qaft", "qaft-gptq")

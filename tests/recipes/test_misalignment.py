@@ -300,3 +300,39 @@ def test_worked_example_method_and_the_locality_ladder(tmp_path, tiny3, text_fil
     report = (out / "report.md").read_text()
     assert "## Locality ladder" in report and "| 3 | diag-clip | layer |" in report
     assert (out / "ladder.png").stat().st_size > 0
+
+
+def test_a_study_grows_by_widths_and_seeds_without_recomputing(tmp_path, tiny3, text_file,
+                                                                monkeypatch, capsys):
+    from recipes import misalignment_study
+
+    grown, straight = tmp_path / "grown", tmp_path / "straight"
+    base = ["--methods", "rtn", "gptq", "--gptq-variants", "--no-tune"]
+    misalignment.main(_argv(tiny3, text_file, grown, *base, "--bits", "2", "--seeds", "0"))
+    first = json.loads((grown / "results.json").read_text())["runs"]
+    real, measured = misalignment_study.measure, []
+
+    def counting(study, plan):
+        measured.append(plan.id)
+        return real(study, plan)
+
+    monkeypatch.setattr(misalignment, "measure", counting)
+    more = [*base, "--bits", "2", "3", "--seeds", "0", "1"]
+    misalignment.main(_argv(tiny3, text_file, grown, *more))
+    state = json.loads((grown / "results.json").read_text())
+    # only the new units ran; the finished ones are kept under their multi-seed ids
+    assert "fp" not in measured and "rtn/int2-g16@0" not in measured
+    assert "gptq/int2-g16@1" in measured and "gptq/int3-g16@0" in measured
+    assert state["runs"]["gptq/int2-g16@0"]["metrics"] == first["gptq/int2-g16"]["metrics"]
+    assert state["extended"][0]["bits"] == [3] and state["extended"][0]["seeds"] == [1]
+    # and equal, unit for unit, to the same study run in one go
+    misalignment.main(_argv(tiny3, text_file, straight, *more))
+    direct = json.loads((straight / "results.json").read_text())["runs"]
+    assert list(direct) == list(state["runs"])
+    for rid, row in direct.items():
+        assert state["runs"][rid]["metrics"]["nll"] == row["metrics"]["nll"], rid
+    # a new first seed (it seeds the random directions) or a dropped method is another study
+    for bad in (["--seeds", "1", "0"], ["--methods", "rtn"]):
+        with pytest.raises(SystemExit):
+            misalignment.main(_argv(tiny3, text_file, grown, *more, *bad))
+        assert "another config" in capsys.readouterr().err
