@@ -9,7 +9,8 @@ order (a bfloat16 GEMM's fp32 accumulator, a reduction); the last bits of some a
 as they do on another CPU. This pairs the solutions two results folders share (the same method,
 spec, seed and chosen options; `--search` pins the second run to the first run's choices) and
 reports each pair's held-out perplexities and their relative difference, per bit width. Runs that
-chose different options are not a like-for-like pair and are listed apart.
+chose different options are not a like-for-like pair and are listed apart. Several second folders
+(e.g. one per width, run side by side) are pooled.
 """
 
 from __future__ import annotations
@@ -61,11 +62,12 @@ def report(same: list[dict], chose_else: list[dict], names: tuple[str, str]) -> 
                      f"{r['ppl_a']:,.2f} | {r['ppl_b']:,.2f} | {100 * r['rel_diff']:+.3f}% |")
     lines += ["", "| bits | pairs | largest relative difference | identical pairs |",
               "|---|---|---|---|"]
-    for bits in sorted({r["bits"] for r in same if r["bits"] is not None}):
+    for bits in sorted({r["bits"] for r in same}, key=lambda b: (b is None, b)):
         rows = [r for r in same if r["bits"] == bits]
         worst = max(abs(r["rel_diff"]) for r in rows)
         exact = sum(r["ppl_a"] == r["ppl_b"] for r in rows)
-        lines.append(f"| {bits} | {len(rows)} | {100 * worst:.3f}% | {exact} |")
+        label = "FP control" if bits is None else bits
+        lines.append(f"| {label} | {len(rows)} | {100 * worst:.3f}% | {exact} |")
     if chose_else:
         lines += ["", "Chose different options (not compared): " + ", ".join(
             f"{r['method']}/{r['spec']}@{r['seed']}" for r in chose_else)]
@@ -75,21 +77,26 @@ def report(same: list[dict], chose_else: list[dict], names: tuple[str, str]) -> 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("a", type=Path, help="a misalignment results folder (the reference)")
-    p.add_argument("b", type=Path, help="a second one: the same study run differently")
+    p.add_argument("b", type=Path, nargs="+",
+                   help="one or more others: (parts of) the same study run differently")
     p.add_argument("--out", type=Path, help="also write report.md and variation.json here")
     args = p.parse_args(argv)
-    a, b = load(args.a), load(args.b)
-    same, chose_else = pairs(a, b)
+    a, others = load(args.a), [load(b) for b in args.b]
+    same, chose_else = [], []
+    for b in others:
+        s, c = pairs(a, b)
+        same, chose_else = same + s, chose_else + c
     if not same:
-        raise SystemExit("the two folders share no solution with the same chosen options")
-    text = report(same, chose_else, (args.a.name, args.b.name))
+        raise SystemExit("the folders share no solution with the same chosen options")
+    text = report(same, chose_else, (args.a.name, "+".join(b.name for b in args.b)))
     print(text, end="")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out / "report.md", text)
         write_json(args.out / "variation.json",
-                   {"a": str(args.a), "b": str(args.b), "versions": [a["versions"],
-                    b["versions"]], "pairs": same, "chose_differently": chose_else,
+                   {"a": str(args.a), "b": [str(b) for b in args.b],
+                    "versions": [a["versions"], *(b["versions"] for b in others)],
+                    "pairs": same, "chose_differently": chose_else,
                     "largest_rel_diff": max(abs(r["rel_diff"]) for r in same)})
 
 
