@@ -43,7 +43,7 @@ def pairs(a: dict, b: dict) -> tuple[list[dict], list[dict]]:
     same, chose_else = [], []
     for r in a["runs"].values():
         s = other.get(key(r))
-        if s is None or r["method"] == "fp":
+        if s is None:
             continue
         pa, pb = r["metrics"]["perplexity"], s["metrics"]["perplexity"]
         row = {"method": r["method"], "spec": r["spec"], "bits": r["bits"], "seed": r["seed"],
@@ -62,11 +62,12 @@ def report(same: list[dict], chose_else: list[dict], names: tuple[str, str]) -> 
                      f"{r['ppl_a']:,.2f} | {r['ppl_b']:,.2f} | {100 * r['rel_diff']:+.3f}% |")
     lines += ["", "| bits | pairs | largest relative difference | identical pairs |",
               "|---|---|---|---|"]
-    for bits in sorted({r["bits"] for r in same}, key=lambda b: (b is None, b)):
-        rows = [r for r in same if r["bits"] == bits]
+    group = lambda r: r["bits"] or {"fp": "FP", "fp-ft": "FP control"}[r["method"]]  # noqa: E731
+    for label in dict.fromkeys(map(group, sorted(same, key=lambda r: (r["bits"] is None,
+                                                                       r["bits"])))):
+        rows = [r for r in same if group(r) == label]
         worst = max(abs(r["rel_diff"]) for r in rows)
         exact = sum(r["ppl_a"] == r["ppl_b"] for r in rows)
-        label = "FP control" if bits is None else bits
         lines.append(f"| {label} | {len(rows)} | {100 * worst:.3f}% | {exact} |")
     if chose_else:
         lines += ["", "Chose different options (not compared): " + ", ".join(
@@ -83,9 +84,13 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     a, others = load(args.a), [load(b) for b in args.b]
     same, chose_else = [], []
-    for b in others:
-        s, c = pairs(a, b)
-        same, chose_else = same + s, chose_else + c
+    seen = set()
+    for b in others:  # units two folders share (the FP model, the FP control) count once
+        for rows, found in zip((same, chose_else), pairs(a, b)):
+            for r in found:
+                if (r["method"], r["spec"], r["seed"]) not in seen:
+                    seen.add((r["method"], r["spec"], r["seed"]))
+                    rows.append(r)
     if not same:
         raise SystemExit("the folders share no solution with the same chosen options")
     text = report(same, chose_else, (args.a.name, "+".join(b.name for b in args.b)))
