@@ -37,7 +37,8 @@ from recipes.misalignment_config import (PRESETS, MisalignmentConfig, add_config
 from recipes.misalignment_report import SCHEMA, SCHEMA_DOC, write_outputs
 from recipes.misalignment_study import Plan, Study, measure, plan_runs, sensitivity
 
-__all__ = ["Plan", "plan_runs", "extends", "run_study", "run", "build_parser", "config_from_args", "main"]
+__all__ = ["Plan", "plan_runs", "extends", "run_study", "run", "build_parser", "config_from_args",
+           "main"]
 
 
 GROWS = ("bits", "methods", "seeds")  # config fields a study may grow by on resume
@@ -46,8 +47,8 @@ GROWS = ("bits", "methods", "seeds")  # config fields a study may grow by on res
 def extends(old: dict | None, new: dict) -> bool:
     """Whether `new` only adds units (widths, methods, seeds) to the study `old` configured:
     every other field equal, and the same first seed, which also seeds the random directions.
-    A unit depends on its (method, spec, seed) and these fields only, so the finished ones
-    stand."""
+    On one machine a unit depends on its (method, spec, seed) and these fields only, so the
+    finished ones stand (another machine changes the last bits: README, reproducibility)."""
     if not isinstance(old, dict) or old.keys() != new.keys():
         return False
     same = all(old[k] == new[k] for k in new if k not in GROWS)
