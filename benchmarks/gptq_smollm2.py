@@ -1,11 +1,13 @@
 """GPTQ on SmolLM2-135M: qalign against llm-compressor, same model, tokens, spec; one process each.
 
     python benchmarks/gptq_smollm2.py --lc-python /path/to/lc-venv/bin/python \
-        --samples 128 --seq-len 512 --bits 3 --group-size 64 --out results/bench-gptq
+        --samples 128 --seq-len 512 --bits 3 --group-size 64 --dtype float32 bfloat16 \
+        --out results/bench-gptq
 
 The calibration blocks (a qalign DataBudget of the embedded Wikipedia train split) and the
-held-out windows are written once to a safetensors file that both sides read. Each side runs in
-a fresh process, reports its quantization seconds, whole-process wall time and peak RSS
+held-out windows are written once to a safetensors file that both sides read. For each compute
+dtype (the model's weights and activations; both libraries keep their Hessians and solves in
+float32 or wider), each side runs in a fresh process, one after the other, and reports its quantization seconds, whole-process wall time and peak RSS
 (ru_maxrss), and the held-out perplexity. Without --lc-python only qalign runs. (llm-compressor
 pins its own transformers: `python -m venv lc && lc/bin/pip install torch==2.13.0
 llmcompressor==0.14.0.1`.)
@@ -45,6 +47,7 @@ def prepare(args) -> Path:
 
 def run_ours(args) -> None:
     """The qalign side, in its own process: load, quantize (gptq), evaluate, report JSON."""
+    import torch
     from safetensors.torch import load_file
 
     from compare.evaluate import evaluate_nll
@@ -53,14 +56,16 @@ def run_ours(args) -> None:
     from ptq import quantize_model
 
     tokens = load_file(args.tokens)
-    model, _ = load_model("smollm2-135m", with_tokenizer=False)
+    dtype = getattr(torch, args.dtype[0])
+    model, _ = load_model("smollm2-135m", with_tokenizer=False, dtype=dtype)
     spec = f"int{args.bits}{'-sym' if args.sym else ''}-g{args.group_size}"
     options = GPTQOptions(act_order=not args.no_act_order, clip_search=not args.no_clip_search)
     t0 = time.perf_counter()
     quantize_model(model, spec, "gptq", options, calib=tokens["calib"], progress=False)
     quantize_seconds = time.perf_counter() - t0
     ev = evaluate_nll(model, tokens["eval"], progress=False)
-    print(json.dumps({"library": "qalign", "spec": spec, "options": vars(options),
+    print(json.dumps({"library": "qalign", "dtype": args.dtype[0], "spec": spec,
+                      "options": vars(options),
                       "quantize_seconds": quantize_seconds, "nll": ev.nll,
                       "perplexity": math.exp(ev.nll),
                       "wall_seconds": time.perf_counter() - T_START,
@@ -84,6 +89,8 @@ def main() -> None:
     p.add_argument("--sym", action="store_true", help="symmetric grid on both sides")
     p.add_argument("--no-act-order", action="store_true", help="qalign without act_order")
     p.add_argument("--no-clip-search", action="store_true", help="qalign without MSE clipping")
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                   help="compute dtypes, each a row per library (default: float32)")
     p.add_argument("--lc-python", help="python of a venv with llmcompressor (else qalign only)")
     p.add_argument("--out", type=Path, default=Path("results/bench-gptq"), help="output folder")
     p.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
@@ -94,15 +101,17 @@ def main() -> None:
         return
 
     tokens = prepare(args)
-    flags = ["--bits", str(args.bits), "--group-size", str(args.group_size)]
-    flags += ["--sym"] if args.sym else []
-    rows = [child([sys.executable, __file__, "--ours", "--tokens", str(tokens), *flags,
-                   *(["--no-act-order"] if args.no_act_order else []),
-                   *(["--no-clip-search"] if args.no_clip_search else [])])]
-    if args.lc_python:
-        script = str(Path(__file__).with_name("llmcompressor_gptq.py"))
-        rows.append(child([args.lc_python, script, "--model", str(args.model_dir),
-                           "--tokens", str(tokens), *flags]))
+    rows = []
+    for dtype in args.dtype:
+        flags = ["--bits", str(args.bits), "--group-size", str(args.group_size), "--dtype", dtype]
+        flags += ["--sym"] if args.sym else []
+        rows.append(child([sys.executable, __file__, "--ours", "--tokens", str(tokens), *flags,
+                           *(["--no-act-order"] if args.no_act_order else []),
+                           *(["--no-clip-search"] if args.no_clip_search else [])]))
+        if args.lc_python:
+            script = str(Path(__file__).with_name("llmcompressor_gptq.py"))
+            rows.append(child([args.lc_python, script, "--model", str(args.model_dir),
+                               "--tokens", str(tokens), *flags]))
     from compare.io import write_json
     from recipes.common import versions
 
@@ -110,11 +119,12 @@ def main() -> None:
                                            "versions": versions(), "rows": rows})
     print(f"\n{args.samples} x {args.seq_len} calibration tokens, int{args.bits} "
           f"{'sym' if args.sym else 'asym'} g{args.group_size}")
-    print("| library | quantize s | whole run s | peak RSS GB | perplexity |")
-    print("|---|---|---|---|---|")
+    print("| library | dtype | quantize s | whole run s | peak RSS GB | perplexity |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['library']} | {r['quantize_seconds']:.1f} | {r['wall_seconds']:.1f} | "
-              f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['perplexity']:.2f} |")
+        print(f"| {r['library']} | {r['dtype']} | {r['quantize_seconds']:.1f} | "
+              f"{r['wall_seconds']:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
+              f"{r['perplexity']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Runs in its own virtual environment (llmcompressor pins its own transformers); n
 transformers, datasets, safetensors and llmcompressor. Called by benchmarks/gptq_smollm2.py:
 
     /path/to/lc-venv/bin/python benchmarks/llmcompressor_gptq.py --model DIR --tokens FILE \
-        --bits 3 --group-size 64 [--sym]
+        --bits 3 --group-size 64 [--sym] [--dtype bfloat16]
 
 Prints one JSON line: quantize seconds, whole-process wall and peak RSS, held-out NLL/perplexity
 (mean of transformers' labels= loss over the same windows qalign scores).
@@ -31,6 +31,8 @@ def main():
     p.add_argument("--bits", type=int, default=3, help="weight bits (default: 3)")
     p.add_argument("--group-size", type=int, default=64, help="group size (default: 64)")
     p.add_argument("--sym", action="store_true", help="symmetric grid")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the model's dtype (default: float32)")
     args = p.parse_args()
 
     from llmcompressor import oneshot
@@ -38,7 +40,7 @@ def main():
 
     tokens = load_file(args.tokens)
     calib, windows = tokens["calib"], tokens["eval"]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     ds = Dataset.from_dict({"input_ids": calib.tolist(),
                             "attention_mask": torch.ones_like(calib).tolist()})
     scheme = {"targets": ["Linear"],
@@ -56,7 +58,8 @@ def main():
         for w in windows:
             losses.append(float(model(input_ids=w[None], labels=w[None]).loss))
     nll = sum(losses) / len(losses)
-    print(json.dumps({"library": "llm-compressor", "quantize_seconds": quantize_seconds,
+    print(json.dumps({"library": "llm-compressor", "dtype": args.dtype,
+                      "quantize_seconds": quantize_seconds,
                       "nll": nll, "perplexity": math.exp(nll),
                       "wall_seconds": time.perf_counter() - T_START,
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))

@@ -57,7 +57,7 @@ def main() -> None:
     report.update(fp_step_s=statistics.median(fp), fp_peak_rss_gb=mem.peak / 1e9)
 
     model, _ = load_model("smollm2-135m", with_tokenizer=False)
-    layers = qaft.prepare(model, args.spec, scale_mode=args.scale_mode)
+    layers = qaft.prepare(model, args.spec, qaft.QAFTConfig(scale_mode=args.scale_mode))
     with PeakRSS() as mem:
         fq = steps(model, blocks, args.warmup + args.steps)[args.warmup:]
     report.update(fake_quant_step_s=statistics.median(fq), fake_quant_peak_rss_gb=mem.peak / 1e9)

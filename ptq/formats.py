@@ -282,11 +282,11 @@ def _plain_params(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, halved=Fa
 
 
 def _round_int(wb: torch.Tensor, p: QParams, spec: QuantSpec) -> torch.Tensor:
-    """Integer codes (as floats) of blocked values."""
-    q = torch.round(wb / p.scale)
+    """Integer codes (as floats) of blocked values (one new tensor, the rest in place)."""
+    q = torch.div(wb, p.scale).round_()
     if p.zero is not None:
-        q = q + p.zero
-    return q.clamp(spec.qmin, spec.qmax)
+        q.add_(p.zero)
+    return q.clamp_(spec.qmin, spec.qmax)
 
 
 def _round_float(wb: torch.Tensor, p: QParams, spec: QuantSpec) -> torch.Tensor:
@@ -298,7 +298,7 @@ def _round_float(wb: torch.Tensor, p: QParams, spec: QuantSpec) -> torch.Tensor:
     exp = (e - 1).clamp(min=1 - spec.bias)
     shift = exp - spec.man_bits
     q = torch.ldexp(torch.round(torch.ldexp(x, -shift)), shift)
-    return q.clamp(-spec.float_max, spec.float_max)
+    return q.clamp_(-spec.float_max, spec.float_max)
 
 
 def _on_grid(wb: torch.Tensor, p: QParams, spec: QuantSpec) -> torch.Tensor:
@@ -306,38 +306,67 @@ def _on_grid(wb: torch.Tensor, p: QParams, spec: QuantSpec) -> torch.Tensor:
 
 
 def _from_grid(q: torch.Tensor, p: QParams) -> torch.Tensor:
-    return (q - p.zero) * p.scale if p.zero is not None else q * p.scale
+    return torch.sub(q, p.zero).mul_(p.scale) if p.zero is not None else q * p.scale
+
+
+def _round_trip(wb: torch.Tensor, p: QParams, spec: QuantSpec) -> torch.Tensor:
+    """_from_grid(_on_grid(wb, p, spec), p): the same operations in the same order, on the one
+    new tensor _on_grid makes (the weight-sized temporaries cost more than the arithmetic)."""
+    q = _on_grid(wb, p, spec)
+    return (q.sub_(p.zero) if p.zero is not None else q).mul_(p.scale)
 
 
 def compute_qparams(w: torch.Tensor, spec: QuantSpec | str, clip: ClipSearch | None = None) -> QParams:
     """Min/max (or absmax) scales per block of w; with `clip`, the MSE-optimal shrink per block.
     Raises NonFiniteError when w holds NaN or Inf."""
-    spec = parse_spec(spec)
-    check_finite(w)
-    return _qparams(w, spec, clip)
+    return _qparams(w, parse_spec(spec), clip, check=True)
 
 
 def _qparams(w: torch.Tensor, spec: QuantSpec, clip: ClipSearch | None,
-             out_dtype: torch.dtype | None = None) -> QParams:
-    """compute_qparams without the NaN/Inf check, for callers that checked w already (GPTQ's
-    group scales). Every w_hat stays finite in `out_dtype` (default w's dtype)."""
+             out_dtype: torch.dtype | None = None, check: bool = False) -> QParams:
+    """compute_qparams; without `check` no NaN/Inf check, for callers that checked w already
+    (GPTQ's group scales). Every w_hat stays finite in `out_dtype` (default w's dtype)."""
     wb = _blocked(w, spec)
     out_dtype = out_dtype or (w.dtype if w.is_floating_point() else spec.compute_dtype)
     limit = min(torch.finfo(spec.compute_dtype).max, torch.finfo(out_dtype).max)
-    lo, hi = wb.amin(dim=-1, keepdim=True), wb.amax(dim=-1, keepdim=True)
-    best = _params_from_range(lo, hi, spec, limit)
-    if clip is not None:
-        best_err = torch.full_like(lo, math.inf)
-        for i in range(clip.grid + 1):
-            shrink = 1.0 - clip.max_shrink * i / clip.grid
-            p = _params_from_range(lo * shrink, hi * shrink, spec, limit)
-            err = (_from_grid(_on_grid(wb, p, spec), p) - wb).abs().pow(clip.norm).sum(-1, keepdim=True)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best.scale = torch.where(better, p.scale, best.scale)
-            if best.zero is not None:
-                best.zero = torch.where(better, p.zero, best.zero)
+    lo, hi = torch.aminmax(wb, dim=-1, keepdim=True)  # NaN and Inf show in them
+    if check and not bool(torch.isfinite(torch.cat([lo, hi])).all()):
+        check_finite(w)  # raises, naming the first bad entry
+    best = (_params_from_range(lo, hi, spec, limit) if clip is None
+            else _clip_search(wb, lo, hi, spec, clip, limit))
     return QParams(best.scale.squeeze(-1), None if best.zero is None else best.zero.squeeze(-1))
+
+
+_CLIP_CHUNK = 1 << 23  # elements of wb times shrink factors evaluated in one tensor op
+
+
+def _clip_search(wb: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
+                 clip: ClipSearch, limit: float) -> QParams:
+    """Per block, the shrink factor (1, 1 - max_shrink/grid, ...) with the lowest error; the
+    first of equal errors wins, a NaN error never does. Several factors run in one tensor op
+    (a leading factor axis, at most _CLIP_CHUNK elements): the same values as one factor at a
+    time, element for element, at a fraction of the Python overhead on small groups."""
+    shrinks = [1.0 - clip.max_shrink * i / clip.grid for i in range(clip.grid + 1)]
+    step = max(1, _CLIP_CHUNK // max(wb.numel(), 1))
+    best, best_err = None, torch.full_like(lo, math.inf)
+    for start in range(0, len(shrinks), step):
+        k = torch.tensor(shrinks[start:start + step], dtype=lo.dtype,
+                         device=lo.device).view(-1, 1, 1, 1)
+        p = _params_from_range(lo * k, hi * k, spec, limit)  # (factors, rows, n_blocks, 1)
+        err = _round_trip(wb, p, spec).sub_(wb).abs_().pow_(clip.norm).sum(-1, keepdim=True)
+        err = torch.where(err.isnan(), math.inf, err)
+        first = err.argmin(dim=0, keepdim=True)  # the first minimum along the factors
+        err = err.gather(0, first)[0]
+        pick = lambda t: t.gather(0, first)[0]  # noqa: E731
+        chunk = QParams(pick(p.scale), None if p.zero is None else pick(p.zero))
+        if best is None:  # the first factor, 1, is min/max: an all-NaN block keeps it
+            best, best_err = chunk, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = QParams(torch.where(better, chunk.scale, best.scale),
+                       None if best.zero is None else torch.where(better, chunk.zero, best.zero))
+    return best
 
 
 def _as_blocked_params(p: QParams) -> QParams:
@@ -406,8 +435,11 @@ def quantize(
     `qparams` when given, else from each block's range (optionally MSE-clipped). Raises
     NonFiniteError when w holds NaN or Inf."""
     spec = parse_spec(spec)
-    check_finite(w)
-    p = qparams if qparams is not None else _qparams(w, spec, clip)
+    if qparams is None:
+        p = _qparams(w, spec, clip, check=True)
+    else:
+        check_finite(w)
+        p = qparams
     q = _on_grid(_blocked(w, spec), _as_blocked_params(p), spec).reshape(w.shape)
     codes = q.to(_code_dtype(spec)) if spec.kind == "int" else _encode_float(q, spec)
     zero = None if p.zero is None else p.zero.to(_code_dtype(spec))
@@ -430,7 +462,7 @@ def fake_quantize_with(w: torch.Tensor, qparams: QParams, spec: QuantSpec | str)
     """Round trip of w with given scales; equals dequantize(quantize(w, spec, qparams=...))."""
     spec = parse_spec(spec)
     p = _as_blocked_params(qparams)
-    return _from_grid(_on_grid(_blocked(w, spec), p, spec), p).reshape(w.shape).to(w.dtype)
+    return _round_trip(_blocked(w, spec), p, spec).reshape(w.shape).to(w.dtype)
 
 
 def fake_quantize(
@@ -446,7 +478,7 @@ def fake_quantize_broadcast(x: torch.Tensor, qparams: QParams, spec: QuantSpec) 
     (out, 1) against its group's scale (out, 1): the per-column step of GPTQ. Same arithmetic
     as `fake_quantize_with`, so the results lie on exactly the same grid. x must be in
     spec.compute_dtype."""
-    return _from_grid(_on_grid(x, qparams, spec), qparams)
+    return _round_trip(x, qparams, spec)
 
 
 def representable_range(qparams: QParams, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ptq import formats
 from ptq.formats import (ClipSearch, QuantSpec, SpecError, compute_qparams, dequantize,
                          fake_quantize, fake_quantize_with, parse_spec, quantize)
 
@@ -120,6 +121,35 @@ def test_mse_clip_search_never_worse_and_helps_with_outliers():
         assert clipped.sum() < plain.sum()
     plain = (fake_quantize(w, "int3-g32") - w).pow(2).sum()
     assert (fake_quantize(w, "int3-g32", clip=ClipSearch()) - w).pow(2).sum() < 0.9 * plain
+
+
+@pytest.mark.parametrize("text", ["int3-g32", "int2-sym-ch", "e2m1-g32"])
+def test_clip_search_picks_each_blocks_first_best_factor_whatever_the_chunking(text, monkeypatch):
+    """Several shrink factors run in one tensor op; the choice must be the plain search's: per
+    block, the first factor 1 - 0.2 i / 20 (i = 0..20) of lowest error, bit for bit."""
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    w[:, ::32] *= 6.0
+    w[3, :] = 0.5  # a constant block: min/max (the first factor) fits it exactly
+    spec, clip = parse_spec(text), ClipSearch()
+    blocks = formats._blocked(w, spec)
+    lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    best, best_err = None, torch.full_like(lo, math.inf)
+    for i in range(clip.grid + 1):  # the reference: one factor at a time, strict improvement
+        k = 1.0 - clip.max_shrink * i / clip.grid
+        p = formats._params_from_range(lo * k, hi * k, spec)
+        err = (formats._from_grid(formats._on_grid(blocks, p, spec), p) - blocks).pow(2).sum(
+            -1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = p if best is None else formats.QParams(
+            torch.where(better, p.scale, best.scale),
+            None if p.zero is None else torch.where(better, p.zero, best.zero))
+    for chunk in (1, 3 * w.numel(), 1 << 23):  # one factor per op, three, all 21
+        monkeypatch.setattr(formats, "_CLIP_CHUNK", chunk)
+        got = compute_qparams(w, spec, clip)
+        assert torch.equal(got.scale, best.scale.squeeze(-1))
+        assert got.zero is None if best.zero is None else torch.equal(got.zero,
+                                                                      best.zero.squeeze(-1))
 
 
 def test_e8_formats_use_float64_and_stay_finite():
