@@ -7,10 +7,11 @@
 The calibration blocks (a qalign DataBudget of the embedded Wikipedia train split) and the
 held-out windows are written once to a safetensors file that both sides read. For each compute
 dtype (the model's weights and activations; both libraries keep their Hessians and solves in
-float32 or wider), each side runs in a fresh process, one after the other, and reports its quantization seconds, whole-process wall time and peak RSS
-(ru_maxrss), and the held-out perplexity. Without --lc-python only qalign runs. (llm-compressor
-pins its own transformers: `python -m venv lc && lc/bin/pip install torch==2.13.0
-llmcompressor==0.14.0.1`.)
+float32 or wider), each side runs in a fresh process, one after the other, and reports its
+quantization seconds, whole-process wall time and peak RSS (ru_maxrss; qalign's also by phase:
+after loading, while quantizing, while evaluating) and the held-out perplexity. Without
+--lc-python only qalign runs. (llm-compressor pins its own transformers: `python -m venv lc &&
+lc/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1`.)
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def run_ours(args) -> None:
     from safetensors.torch import load_file
 
     from compare.evaluate import evaluate_nll
+    from compare.memory import PeakRSS, current_rss
     from compare.models import load_model
     from ptq.gptq import GPTQOptions
     from ptq import quantize_model
@@ -58,18 +60,23 @@ def run_ours(args) -> None:
     tokens = load_file(args.tokens)
     dtype = getattr(torch, args.dtype[0])
     model, _ = load_model("smollm2-135m", with_tokenizer=False, dtype=dtype)
+    loaded = current_rss()
     spec = f"int{args.bits}{'-sym' if args.sym else ''}-g{args.group_size}"
     options = GPTQOptions(act_order=not args.no_act_order, clip_search=not args.no_clip_search)
     t0 = time.perf_counter()
-    quantize_model(model, spec, "gptq", options, calib=tokens["calib"], progress=False)
+    with PeakRSS() as quantizing:
+        quantize_model(model, spec, "gptq", options, calib=tokens["calib"], progress=False)
     quantize_seconds = time.perf_counter() - t0
-    ev = evaluate_nll(model, tokens["eval"], progress=False)
+    with PeakRSS() as evaluating:
+        ev = evaluate_nll(model, tokens["eval"], progress=False)
     print(json.dumps({"library": "qalign", "dtype": args.dtype[0], "spec": spec,
                       "options": vars(options),
                       "quantize_seconds": quantize_seconds, "nll": ev.nll,
                       "perplexity": math.exp(ev.nll),
                       "wall_seconds": time.perf_counter() - T_START,
-                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "rss_loaded_bytes": loaded, "peak_rss_quantize_bytes": quantizing.peak,
+                      "peak_rss_evaluate_bytes": evaluating.peak}))
 
 
 def child(cmd: list[str]) -> dict:

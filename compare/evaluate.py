@@ -144,14 +144,22 @@ def evaluate_nll(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 2
                   leave=False):
         batch = windows[i:i + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
-        logp = next_token_logprobs(logits)
-        nll = _picked_nll(logp, batch)
+        # one window's float32 log-probs at a time: they (and the KL's terms) are the largest
+        # temporaries; log-softmax is row by row, so the values equal the whole batch's
+        rows, kl_rows = [], []
+        for j in range(batch.shape[0]):
+            logp = next_token_logprobs(logits[j:j + 1])
+            rows.append(_picked_nll(logp, batch[j:j + 1]))
+            if reference is not None:
+                kl_rows.append(kl_divergence(reference[i + j:i + j + 1].to(device), logp))
+            del logp
+        del logits
+        nll = torch.cat(rows)
         total += float(nll.double().sum())  # the overall NLL: total / count over all tokens
         count += nll.numel()
         window_nll += nll.double().mean(dim=1).tolist()  # (batch,) nats per scored token
         if reference is not None:
-            ref = reference[i:i + batch_size].to(device)
-            kl += float(kl_divergence(ref, logp).sum())
+            kl += float(torch.cat(kl_rows).sum())
     seconds = time.perf_counter() - t0
     mean = total / count
     return EvalResult(mean, math.exp(mean), count, windows.shape[0], windows.shape[1], seconds,

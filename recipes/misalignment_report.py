@@ -412,12 +412,22 @@ def _findings(bits: int, s: dict) -> str:
     return "; ".join(out) + "."
 
 
+def _trials_run(runs: dict, asked: int) -> str:
+    """How many trials the tuned runs had: `asked`, or fewer where a space has fewer points."""
+    counts = sorted({len(r["trials"]) for rid, r in runs.items()
+                     if rid != "fp" and r.get("trials")})
+    if not counts or counts == [asked]:
+        return f"{asked} trial(s)"
+    shown = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"{shown} trial(s) (as many as the space has points, at most {asked})"
+
+
 def report(state: dict, summary: dict) -> str:
     cfg = state["config"]
     runs = state["runs"]
     seeds = cfg.get("seeds", [cfg.get("seed", 0)])
-    tuning = (f"matched tuning: {cfg['trials']} trial(s) per method from its search space, "
-              f"chosen by NLL on {cfg['val_samples']} validation blocks of the train split "
+    tuning = (f"matched tuning: {_trials_run(runs, cfg['trials'])} per method from its search "
+              f"space, chosen by NLL on {cfg['val_samples']} validation blocks of the train split "
               "(disjoint from the budget and the held-out text)" if cfg.get("tune")
               else f"no tuning (QAFT and control: lr {cfg['lr']}, {cfg.get('schedule')})")
     lines = [f"# Local vs global loss: {cfg['model']} on {cfg['data']}", "",

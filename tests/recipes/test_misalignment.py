@@ -220,7 +220,7 @@ def test_tuned_run_records_every_trial_and_chooses_by_validation(tmp_path, tiny3
 
 def test_tuning_with_a_one_point_grid_equals_the_untuned_run(tmp_path, tiny3, text_file):
     pinned = ["--bits", "2", "--methods", "gptq", "qaft", "--gptq-variants", "--lr", "1e-3"]
-    one = ["--trials", "1", "--search", "gptq.damp=0.01", "gptq.act_order=true",
+    one = ["--trials", "2", "--search", "gptq.damp=0.01", "gptq.act_order=true",
            "gptq.clip_search=true", "gptq.static_groups=false", "qaft.lr=1e-3",
            "qaft.scale_mode=dynamic", "qaft.loss=nll", "fp-ft.lr=1e-3"]
     misalignment.main(_argv(tiny3, text_file, tmp_path / "a", *pinned, "--no-tune"))
@@ -231,6 +231,10 @@ def test_tuning_with_a_one_point_grid_equals_the_untuned_run(tmp_path, tiny3, te
         assert a[rid]["metrics"]["window_nll"] == b[rid]["metrics"]["window_nll"], rid
         assert [x["rel_err_fp"] for x in a[rid]["layers"]] == \
             [x["rel_err_fp"] for x in b[rid]["layers"]], rid
+        assert len(b[rid]["trials"]) == 1, rid  # a one-point space is one trial, not two
+    # and the report says how many trials ran, not how many were allowed
+    assert "1 trial(s) (as many as the space has points, at most 2)" in (
+        tmp_path / "b" / "report.md").read_text()
 
 
 def test_two_seeds_resume_and_aggregate(tmp_path, tiny3, text_file, monkeypatch):
