@@ -109,6 +109,7 @@ def main() -> None:
 
     tokens = prepare(args)
     rows = []
+    script = str(Path(__file__).with_name("llmcompressor_gptq.py"))
     for dtype in args.dtype:
         flags = ["--bits", str(args.bits), "--group-size", str(args.group_size), "--dtype", dtype]
         flags += ["--sym"] if args.sym else []
@@ -116,7 +117,6 @@ def main() -> None:
                            *(["--no-act-order"] if args.no_act_order else []),
                            *(["--no-clip-search"] if args.no_clip_search else [])]))
         if args.lc_python:
-            script = str(Path(__file__).with_name("llmcompressor_gptq.py"))
             rows.append(child([args.lc_python, script, "--model", str(args.model_dir),
                                "--tokens", str(tokens), *flags]))
     from compare.io import write_json

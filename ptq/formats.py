@@ -348,7 +348,7 @@ def _clip_search(wb: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: Qua
     time, element for element, at a fraction of the Python overhead on small groups."""
     shrinks = [1.0 - clip.max_shrink * i / clip.grid for i in range(clip.grid + 1)]
     step = max(1, _CLIP_CHUNK // max(wb.numel(), 1))
-    best, best_err = None, torch.full_like(lo, math.inf)
+    best = best_err = None
     for start in range(0, len(shrinks), step):
         k = torch.tensor(shrinks[start:start + step], dtype=lo.dtype,
                          device=lo.device).view(-1, 1, 1, 1)
