@@ -19,8 +19,9 @@ activations of the budget are held twice (inputs and Y), on disk with `offload_d
 Dtypes: the blocks run in the model's own dtype, and the captured activations are kept in it
 (bfloat16 halves them); with `offload_dir` they live on disk, one file per batch, and memory holds
 one batch at a time. After each block the memory it freed is handed back to the OS
-(`_release_freed_memory`). The statistics do not follow the model's dtype: each batch's X^T X is a
-float32 GEMM of the upcast inputs, summed in float64 (`HessianAccumulator`), and a method receives
+(`_release_freed_memory`). The statistics do not follow the model's dtype: each batch's X^T X has
+float32 products and sums (`ptq.hessian.gram`; bfloat16 inputs on a CPU take oneDNN's exact bf16
+path), summed over batches in float64 (`HessianAccumulator`), and a method receives
 W upcast to float32 from a 16-bit model (scales and the GPTQ solve stay float32/float64); its
 result is written back rounded to the model's dtype, and the record's losses are those of the
 weight the model then holds.

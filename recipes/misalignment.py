@@ -101,7 +101,10 @@ def run_study(cfg: MisalignmentConfig, out: Path, *, device: str = "auto", fresh
     state["timings"]["setup_s"] = time.perf_counter() - t0
     plans = plan_runs(cfg)
     for plan in plans:
-        if plan.id in state["runs"]:
+        row = state["runs"].get(plan.id)
+        if row is not None and plan.method == "gptq" and not plan.variant:
+            study.gptq_chosen[(plan.spec, plan.seed)] = row["chosen"]  # QAFT from GPTQ's start
+        if row is not None:
             continue
         row = measure(study, plan)
         state["runs"][plan.id] = row

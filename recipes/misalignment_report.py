@@ -40,6 +40,10 @@ SCHEMA_DOC = """results.json (schema "qalign.misalignment/3"):
     trials        every trial: {trial, options, val_nll, seconds, tokens_processed, best_step}
     budget        unique_tokens, tokens_processed, steps
     seconds       solve (all trials), measure (everything after); peak_rss_bytes
+    start         QAFT from GPTQ: {method "gptq", options, from}: the GPTQ solution it starts
+                  at, the one the GPTQ arm chose (from "gptq arm") or GPTQ's defaults when the
+                  study has no GPTQ arm (from "defaults"); its solve seconds leave that GPTQ
+                  run out (the GPTQ arm's row has it); null for the other runs
     trajectory    GPTQ: per probed block {block, calib_rel_sum, nll, local_fp_mean, ...};
                   QAFT / fp-ft: per checkpoint {step, tokens_processed, unique_tokens, loss,
                   seconds, nll, local_fp_mean, local_prop_mean, distance, val_nll} (step 0 =

@@ -65,8 +65,10 @@ def plan_runs(cfg: MisalignmentConfig) -> list[Plan]:
         return f"{base}@{seed}" if multi else base
 
     plans = [Plan("fp", "fp")] + [Plan(pid("fp-ft", s), "fp-ft", seed=s) for s in cfg.seeds]
+    # the fine-tuning arms after the PTQ methods: QAFT from GPTQ starts at the GPTQ arm's choice
+    methods = sorted(cfg.methods, key=lambda m: m in QAFT_ARMS)
     for b in cfg.bits:
-        for m in cfg.methods:
+        for m in methods:
             for s in cfg.seeds:
                 plans.append(Plan(pid(f"{m}/{cfg.spec(b)}", s), m, b, cfg.spec(b), seed=s))
                 if m == "gptq":
@@ -113,7 +115,11 @@ class Study:
 
     def __init__(self, cfg: MisalignmentConfig, device: str, progress: bool):
         self.cfg, self.device, self.progress = cfg, device, progress
-        self.gptq_starts: dict = {}  # {(spec, seed): GPTQ start of the float32 model}
+        # QAFT from GPTQ starts at the GPTQ arm's chosen solution: {(spec, seed): its options}
+        # (recorded when the arm runs, or read back from results.json on resume) and
+        # {(spec, seed): its codes} (kept from the arm's run, or recomputed from the options)
+        self.gptq_chosen: dict = {}
+        self.gptq_starts: dict = {}
         self.spaces = search_spaces(cfg)  # bad search entries fail before any work
         self.dtype = resolve_dtype(cfg.dtype, device)
         print(f"dtype: {describe_dtype_choice(cfg.dtype, device)}", flush=True)
@@ -152,6 +158,20 @@ class Study:
         rtn = get_method("rtn")
         return {n: rtn.fn(self.fp_weights[n], None, parse_spec(spec), rtn.options()).weight
                 for n in (names if names is not None else self.names)}
+
+    def gptq_start(self, spec: str, seed: int) -> dict:
+        """{layer: QuantizedTensor}: where QAFT from GPTQ starts, the solution the GPTQ arm
+        chose on the validation slice for this spec and seed (GPTQ's default options when the
+        study has no GPTQ arm). The arm's own codes when it ran in this invocation; otherwise
+        GPTQ is run again with its chosen options, which gives the same codes (deterministic)."""
+        key = (spec, seed)
+        if key not in self.gptq_starts:
+            method = get_method("gptq")
+            options = dataclasses.replace(method.options(), **self.gptq_chosen.get(key, {}))
+            self.gptq_starts[key] = quantize_model(self.fresh_model(), spec, "gptq", options,
+                                                   calib=self.calib[seed],
+                                                   progress=self.progress).quantized
+        return self.gptq_starts[key]
 
     def fresh_model(self, dtype: torch.dtype | None = None):
         return load_model(self.cfg.model, device=self.device, dtype=dtype or self.dtype,
@@ -219,20 +239,20 @@ def _finetune(study: Study, plan: Plan, model, point: dict, out: dict) -> None:
                                  **{k: v for k, v in point.items() if k not in train_fields})
         # step 0 of an RTN start is RTN (dynamic min/max scales give exactly RTN's grid)
         start_weights = study.rtn_weights(plan.spec) if config.init == "rtn" else None
-        # a GPTQ start is the same for every trial of a (spec, seed): computed once
-        key = (plan.spec, plan.seed)
+        # a GPTQ start is the GPTQ arm's chosen solution, the same for every trial
+        start = study.gptq_start(plan.spec, plan.seed) if config.init == "gptq" else None
+        out["start"] = None if start is None else {
+            "method": "gptq", "options": study.gptq_chosen.get((plan.spec, plan.seed), {}),
+            "from": "gptq arm" if (plan.spec, plan.seed) in study.gptq_chosen else "defaults"}
         run = lambda: qaft.finetune_qaft(model, study.calib[plan.seed], plan.spec,  # noqa: E731
                                          config, train, eval_fn=study.checkpoint,
                                          validate_fn=validate, progress=study.progress,
-                                         solution=study.gptq_starts.get(key)
-                                         if config.init == "gptq" else None)
+                                         solution=start)
     if start_weights is not None:
         with swapped_weights(model, start_weights):
             out["trajectory"].append({"step": 0, "tokens_processed": 0,
                                       **study.checkpoint(model)})
     res = run()
-    if res.start is not None:
-        study.gptq_starts[(plan.spec, plan.seed)] = res.start
     res.model.to(study.dtype)  # evaluated like every other solution
     keys = ("step", "tokens_processed", "unique_tokens", "loss", "seconds", "nll",
             "local_fp_mean", "local_prop_mean", "block_fp_mean", "distance", "val_nll")
@@ -273,6 +293,8 @@ def solve(study: Study, plan: Plan, model, point: dict) -> dict:
                          progress=study.progress, on_block=on_block)
     out["calibration_layers"] = [{"name": r.name, "proxy_loss": r.proxy_loss,
                                   "calib_rel_err": r.rel_output_error} for r in res.layers]
+    if plan.method == "gptq" and not plan.variant:
+        out["quantized"] = res.quantized  # QAFT from GPTQ starts here if this trial is chosen
     out.update(unique_tokens=budget.unique_tokens, tokens_processed=budget.unique_tokens)
     return out
 
@@ -342,6 +364,11 @@ def measure(study: Study, plan: Plan) -> dict:
     with PeakRSS() as mem:
         model, solved, chosen, trials = _tuned(study, plan)
     solve_s = time.perf_counter() - t0
+    if "quantized" in solved:  # the GPTQ arm's choice: where QAFT from GPTQ will start
+        study.gptq_chosen[(plan.spec, plan.seed)] = chosen
+        study.gptq_starts[(plan.spec, plan.seed)] = solved.pop("quantized")
+    if plan.method == "qaft-gptq":  # its only user is done with it
+        study.gptq_starts.pop((plan.spec, plan.seed), None)
     t1 = time.perf_counter()
     ev = evaluate_nll(model, study.windows, batch_size=study.cfg.batch_size,
                       reference=study.reference, progress=study.progress, desc=f"eval {plan.id}",
@@ -363,7 +390,7 @@ def measure(study: Study, plan: Plan) -> dict:
            "chosen": chosen, "trials": trials,
            "budget": {k: solved.pop(k) for k in ("unique_tokens", "tokens_processed", "steps")},
            "trajectory": solved.pop("trajectory"), "layers": layers, "blocks": pr["blocks"],
-           "landscape": None}
+           "landscape": None, "start": solved.pop("start", None)}
     if plan.main and plan.method != "fp-ft":
         row["landscape"] = landscape(study, model, plan, pr["distance"], pr["nll"])
     row["seconds"] = {"solve": solve_s, "measure": time.perf_counter() - t1}

@@ -3,6 +3,7 @@ import torch
 
 import ptq
 from ptq.formats import QParams, compute_qparams, fake_quantize_broadcast, parse_spec
+from ptq.hessian import gram
 
 
 def correlated_inputs(n=1024, d=128, rank=16, seed=0):
@@ -116,6 +117,25 @@ def test_incremental_hessian_equals_batch_hessian():
         acc.update(chunk.view(-1, 1, 128) if chunk.shape[0] > 1 else chunk)
     assert acc.n_tokens == 1000
     assert torch.allclose(acc.H, hessian(X), rtol=1e-5, atol=1e-6 * float(hessian(X).abs().max()))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e4])
+def test_bfloat16_inputs_get_float32_products_and_sums_in_the_fast_gemm(scale):
+    # the bf16 path multiplies the bf16 values exactly and sums in float32: as close to the
+    # float64 X^T X as the plain float32 GEMM is (a GEMM that rounded its sums to bfloat16 would
+    # be ~1e-3 off), and the global matmul precision is what it was before
+    g = torch.Generator().manual_seed(0)
+    X = (torch.randn(2000, 96, generator=g) * scale).to(torch.bfloat16)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    ref = X.double().T @ X.double()
+    tol = 4 * float((X.float().T @ X.float()).double().sub(ref).abs().max())
+    got = gram(X)
+    assert got.dtype == torch.float32 and torch.backends.mkldnn.matmul.fp32_precision == before
+    assert float((got.double() - ref).abs().max()) <= max(tol, 1e-6 * float(ref.abs().max()))
+    acc = ptq.HessianAccumulator(96)
+    for chunk in X.split(700):
+        acc.update(chunk)
+    assert torch.allclose(acc.H, 2 / 2000 * ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
 
 
 def test_dead_inputs_and_failed_cholesky_are_handled():

@@ -167,7 +167,8 @@ def test_plan_names_variants_and_extra_methods():
                                                                       "granularity=g128"]})
     ids = [p.id for p in misalignment.plan_runs(cfg)]
     assert ids == ["fp", "fp-ft", "rtn/int3-g64", "gptq/int3-g64", "gptq[damp=0.1]/int3-g64",
-                   "gptq[granularity=g128]/int3-g128", "block-ap/int3-g64", "qaft-gptq/int3-g64"]
+                   "gptq[granularity=g128]/int3-g128", "block-ap/int3-g64", "qaft/int3-g64",
+                   "qaft-gptq/int3-g64"]
     two = load_config("quick", None, {"bits": [3], "methods": ["gptq"], "seeds": [0, 1],
                                       "gptq_variants": []})
     assert [p.id for p in misalignment.plan_runs(two)] == [
@@ -340,3 +341,38 @@ def test_a_study_grows_by_widths_and_seeds_without_recomputing(tmp_path, tiny3, 
         with pytest.raises(SystemExit):
             misalignment.main(_argv(tiny3, text_file, grown, *more, *bad))
         assert "another config" in capsys.readouterr().err
+
+
+def test_qaft_from_gptq_starts_at_the_gptq_arms_choice_also_after_a_resume(tmp_path, tiny3,
+                                                                          text_file, monkeypatch):
+    # the fine-tuning arm comes after GPTQ whatever the order given, starts from the solution
+    # the GPTQ arm chose, and a run stopped between the two gives the same numbers on resume
+    # (the start is recomputed from the recorded choice)
+    argv = ["--bits", "2", "--methods", "qaft-gptq", "gptq", "--gptq-variants", "--trials", "2",
+            "--val-samples", "2", "--search", "gptq.act_order=true,false", "gptq.damp=0.01",
+            "gptq.clip_search=false", "gptq.static_groups=false", "qaft-gptq.lr=1e-3",
+            "qaft-gptq.scale_mode=learned", "qaft-gptq.loss=nll", "fp-ft.lr=1e-3"]
+    misalignment.main(_argv(tiny3, text_file, tmp_path / "straight", *argv))
+    straight = json.loads((tmp_path / "straight" / "results.json").read_text())["runs"]
+    assert list(straight)[-2:] == ["gptq/int2-g16", "qaft-gptq/int2-g16"]
+    assert len(straight["gptq/int2-g16"]["trials"]) == 2
+    start = straight["qaft-gptq/int2-g16"]["start"]
+    assert start == {"method": "gptq", "options": straight["gptq/int2-g16"]["chosen"],
+                     "from": "gptq arm"}
+
+    real = misalignment.measure
+
+    def stop_at_qaft(study, plan):
+        if plan.method == "qaft-gptq":
+            raise KeyboardInterrupt
+        return real(study, plan)
+
+    monkeypatch.setattr(misalignment, "measure", stop_at_qaft)
+    with pytest.raises(KeyboardInterrupt):
+        misalignment.main(_argv(tiny3, text_file, tmp_path / "resumed", *argv))
+    monkeypatch.setattr(misalignment, "measure", real)
+    misalignment.main(_argv(tiny3, text_file, tmp_path / "resumed", *argv))
+    resumed = json.loads((tmp_path / "resumed" / "results.json").read_text())["runs"]
+    for rid in ("gptq/int2-g16", "qaft-gptq/int2-g16"):
+        assert resumed[rid]["metrics"]["window_nll"] == straight[rid]["metrics"]["window_nll"]
+    assert resumed["qaft-gptq/int2-g16"]["start"] == start
