@@ -4,8 +4,9 @@
 
 Reports the process RSS after loading the model and after tokenizing the train split, the time
 of one decoder block's forward pass over the whole calibration budget (and the GFLOP/s of its
-linear layers), this machine's GEMM rate in the model's dtype, and the implied time of the
-driver's two passes per block over all blocks.
+linear layers), the time of that block's Hessians (X^T X of each input group over every batch,
+as `ptq.hessian.gram` takes it and as a plain float32 GEMM of the upcast inputs), this machine's
+GEMM rate in the model's dtype, and the implied totals over all blocks.
 """
 
 from __future__ import annotations
@@ -23,7 +24,42 @@ from compare.memory import current_rss
 from compare.models import load_model
 from ptq.layers import linear_weight, quantizable_linears
 from ptq.arch import decoder_blocks
-from ptq.sequential import _run_block, capture_block_inputs
+from ptq.hessian import gram
+from ptq.sequential import _input_groups, _run_block, capture_block_inputs
+
+
+def _best_of(fn, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _hessian_seconds(block, layers: dict, inputs, kwargs) -> dict:
+    """Seconds of X^T X for the block's input groups over all batches, both ways."""
+    groups = _input_groups(block, layers, inputs, kwargs)
+    xs = {g[0]: [] for g in groups}
+    handles = [layers[g[0]].register_forward_hook(
+        lambda mod, args, out, name=g[0]: xs[name].append(args[0].reshape(-1, args[0].shape[-1])))
+        for g in groups]
+    with torch.no_grad():
+        _run_block(block, inputs, kwargs)
+    for h in handles:
+        h.remove()
+    batches = [x for group in xs.values() for x in group]
+
+    def plain():
+        for x in batches:
+            x.float().T @ x.float()
+
+    def ours():
+        for x in batches:
+            gram(x)
+
+    return {"hessian_gram_s": _best_of(ours), "hessian_plain_fp32_s": _best_of(plain),
+            "input_groups": [len(g) for g in groups]}
 
 
 def main() -> None:
@@ -49,14 +85,17 @@ def main() -> None:
         t0 = time.perf_counter()
         _run_block(block, inputs, kwargs)
         seconds = time.perf_counter() - t0
-    params = sum(linear_weight(m).numel() for n, m in quantizable_linears(model)
-                 if n.startswith("model.layers.0."))
+    own = {n: m for n, m in quantizable_linears(model) if n.startswith("model.layers.0.")}
+    params = sum(linear_weight(m).numel() for m in own.values())
     n_blocks = len(decoder_blocks(model))
+    hess = _hessian_seconds(block, own, inputs, kwargs)
     report.update(
         dtype=str(dtype), tokens=calib.numel(), block_pass_s=seconds,
         block_linear_gflops=2 * params * calib.numel() / seconds / 1e9,
         gemm_gflops=rate(dtype, 2048) / 1e9,
-        two_passes_all_blocks_s=2 * n_blocks * seconds)
+        two_passes_all_blocks_s=2 * n_blocks * seconds, **hess,
+        hessians_all_blocks_s=n_blocks * hess["hessian_gram_s"],
+        hessians_plain_fp32_all_blocks_s=n_blocks * hess["hessian_plain_fp32_s"])
     print(json.dumps(report, indent=1))
 
 

@@ -3,7 +3,8 @@
     python benchmarks/qaft_step.py --spec int2-g64 --seq-len 256 --steps 8
 
 SmolLM2-135M, batch 1 x seq_len tokens of the embedded train split, AdamW, forward + backward +
-optimizer step. Reports the median step time of each, their ratio, the peak RSS sampled during
+optimizer step; float32 weights, computing in float32 or (--dtype bfloat16) under bfloat16
+autocast, as the misalignment recipe fine-tunes on a CPU with AMX/AVX512-BF16. Reports the median step time of each, their ratio, the peak RSS sampled during
 each phase, and the time of the fake quantization alone (all layers' W -> W_hat forward and the
 STE backward), which is the overhead's floor.
 """
@@ -21,16 +22,19 @@ import qaft
 from compare.data import DataBudget, load_text, tokenize
 from compare.memory import PeakRSS
 from compare.models import load_model
+from qaft.train import fused_adam
 
 
-def steps(model, blocks, n: int) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+def steps(model, blocks, n: int, dtype: torch.dtype) -> list[float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=fused_adam(params))  # as qaft.train does
     model.train()
     times = []
     for i in range(n):
         batch = blocks[i % len(blocks)][None]
         t0 = time.perf_counter()
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -45,21 +49,26 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="timed steps per phase (default: 8)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--scale-mode", default="dynamic", help="qaft scale mode (default: dynamic)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype (bfloat16: autocast over float32 weights; default: "
+                        "float32)")
     p.add_argument("--json", help="also write the report here")
     args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
 
     model, tok = load_model("smollm2-135m")
     blocks = DataBudget(args.steps + args.warmup, args.seq_len).blocks(
         tokenize(tok, load_text("wiki").train))
-    report = {"spec": args.spec, "seq_len": args.seq_len, "threads": torch.get_num_threads()}
+    report = {"spec": args.spec, "seq_len": args.seq_len, "scale_mode": args.scale_mode,
+              "dtype": args.dtype, "threads": torch.get_num_threads()}
     with PeakRSS() as mem:
-        fp = steps(model, blocks, args.warmup + args.steps)[args.warmup:]
+        fp = steps(model, blocks, args.warmup + args.steps, dtype)[args.warmup:]
     report.update(fp_step_s=statistics.median(fp), fp_peak_rss_gb=mem.peak / 1e9)
 
     model, _ = load_model("smollm2-135m", with_tokenizer=False)
     layers = qaft.prepare(model, args.spec, qaft.QAFTConfig(scale_mode=args.scale_mode))
     with PeakRSS() as mem:
-        fq = steps(model, blocks, args.warmup + args.steps)[args.warmup:]
+        fq = steps(model, blocks, args.warmup + args.steps, dtype)[args.warmup:]
     report.update(fake_quant_step_s=statistics.median(fq), fake_quant_peak_rss_gb=mem.peak / 1e9)
     report["ratio"] = report["fake_quant_step_s"] / report["fp_step_s"]
 

@@ -511,4 +511,4 @@ def inside_range(w: torch.Tensor, qparams: QParams, spec: QuantSpec) -> torch.Te
     through broadcasting, without materializing per-element bounds)."""
     lo, hi = representable_range(_as_blocked_params(qparams), spec)
     wb = _blocked(w, spec)  # a view for float32 weights
-    return ((wb >= lo) & (wb <= hi)).reshape(w.shape)
+    return torch.ge(wb, lo).logical_and_(torch.le(wb, hi)).reshape(w.shape)  # one mask fewer

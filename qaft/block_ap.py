@@ -37,6 +37,7 @@ from ptq.errors import OptionsError
 from ptq.layers import linear_weight
 
 from .fake_quant import FakeQuantLinear, _swap
+from .train import fused_adam
 
 __all__ = ["BlockAPOptions", "BLOCK_AP_SEARCH_SPACE", "block_ap", "slice_batch"]
 
@@ -116,7 +117,7 @@ def block_ap(block: nn.Module, data: BlockData, spec: QuantSpec,
         layers[name] = fq
     groups = [{"params": [fq.weight for fq in layers.values()], "lr": options.lr},
               {"params": [fq.scale for fq in layers.values()], "lr": options.scale_lr}]
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.Adam(groups, fused=fused_adam(p for g in groups for p in g["params"]))
     order = torch.Generator().manual_seed(options.seed)
     n = len(data.kwargs)
     kwargs = [_float32(kw) for kw in data.kwargs]

@@ -49,7 +49,7 @@ from torch import nn
 
 from ptq.errors import OptionsError
 from ptq.formats import (ClipSearch, QParams, QuantizedTensor, QuantSpec, compute_qparams,
-                         expand_blocks, fake_quantize_with, inside_range, parse_spec,
+                         fake_quantize_with, inside_range, parse_spec,
                          quantize, sum_blocks)
 from ptq.layers import FilterFn, linear_weight, select_linears, set_linear_weight
 
@@ -128,14 +128,15 @@ class _FakeQuantSTE(torch.autograd.Function):
         grad_w = grad * inside if ctx.clipped else grad
         grad_s = grad_z = None
         if ctx.lsq:
-            s = expand_blocks(scale, weight.shape, spec)
-            d = (w_hat - weight * inside) / s
+            # s is one number per block, so it leaves the block sums: sum(grad * d) with
+            # d = (W_hat - W * inside) / s is sum(grad * (W_hat - W * inside)) / s, one
+            # division per block instead of a weight-sized one (and no weight-sized s)
             block = weight.numel() // scale.numel()
-            top = spec.qmax if spec.kind == "int" else spec.float_max
-            grad_s = sum_blocks(grad * d, spec).to(scale.dtype) / math.sqrt(block * top)
+            lsq = 1 / math.sqrt(block * (spec.qmax if spec.kind == "int" else spec.float_max))
+            d = (weight * inside).neg_().add_(w_hat).mul_(grad)  # grad * (W_hat - W inside)
+            grad_s = (sum_blocks(d, spec) / scale).to(scale.dtype) * lsq
             if ctx.learn_zero:  # dW_hat/dz: 0 inside the range, -s outside
-                grad_z = -sum_blocks(grad * s * ~inside, spec).to(scale.dtype) / math.sqrt(
-                    block * top)
+                grad_z = -(sum_blocks(grad * ~inside, spec) * scale).to(scale.dtype) * lsq
         return grad_w, grad_s, grad_z, None, None, None, None
 
 

@@ -64,8 +64,8 @@ from .distill import LOSSES, causal_nll, kd_loss
 from .fake_quant import FakeQuantLinear, fake_quant_layers
 from .schedules import SCHEDULES, lr_factor
 
-__all__ = ["TrainConfig", "TrainResult", "finetune", "lr_factor", "param_groups", "SCHEDULES",
-           "DataSource", "TokenBlocks"]
+__all__ = ["TrainConfig", "TrainResult", "finetune", "fused_adam", "lr_factor", "param_groups",
+           "SCHEDULES", "DataSource", "TokenBlocks"]
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,14 @@ class TrainResult:
     best_step: int | None = None
     best_val_nll: float | None = None
     stopped_early: bool = False
+
+
+def fused_adam(params) -> bool | None:
+    """True where every parameter lies on a device with PyTorch's fused Adam/AdamW kernel (CPU,
+    CUDA): one pass over each parameter instead of a dozen, 0.07 s against 0.31 s per step for
+    SmolLM2-135M's 106 M linear weights on the 2-core CPU (benchmarks/README.md); the values
+    agree with the default implementation to float32 rounding. None (the default) elsewhere."""
+    return True if all(p.device.type in ("cpu", "cuda") for p in params) else None
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
@@ -375,7 +383,8 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
     total_steps = _total_steps(config, source, per_step)
 
     params = [p for p in model.parameters() if p.requires_grad]  # clipped in this order
-    optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr,
+                                  fused=fused_adam(params))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, config))
     # Position and bookkeeping: (epoch, batch) is the next global batch to read.

@@ -200,3 +200,25 @@ def test_same_seed_same_numbers_and_grad_accum_matches_larger_batch():
 def test_too_small_budget_is_a_clear_error():
     with pytest.raises(ValueError, match="cannot fill one global batch"):
         finetune(tiny_model("llama"), blocks(n=2), TrainConfig(batch_size=4), progress=False)
+
+
+def test_the_optimizer_is_the_fused_kernel_where_the_device_has_one_with_the_same_steps():
+    from qaft.train import fused_adam
+
+    assert fused_adam([torch.zeros(2)]) is True
+    assert fused_adam([torch.zeros(2), torch.zeros(2, device="meta")]) is None
+
+    def run(fused):  # five AdamW steps on the same gradients
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(64, 48, generator=g)) for _ in range(3)]
+        opt = torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, fused=fused)
+        for i in range(5):
+            for p in ps:
+                p.grad = torch.sin(3 * p.detach() + i)
+            opt.step()
+        return torch.cat([p.detach().flatten() for p in ps])
+
+    fused, plain = run(fused_adam([torch.zeros(1)])), run(None)
+    start = torch.randn(64, 48, generator=torch.Generator().manual_seed(0)).flatten()
+    assert (fused[: start.numel()] - start).abs().max() > 1e-3  # the steps moved the weights
+    assert torch.allclose(fused, plain, rtol=0, atol=1e-6)
