@@ -33,7 +33,7 @@ from ptq.arch import ArchError, decoder_blocks, get_arch
 from ptq.capture import block_output, capture_block_inputs
 from ptq.layers import linear_weight, set_linear_weight
 from ptq.hessian import HessianAccumulator
-from ptq.metrics import (block_error_sums, output_error_sums, ratio,
+from ptq.metrics import (block_error_sums, output_energy, output_error_sums, ratio,
                          relative_output_error_from_hessian, relative_output_error_grad)
 from qaft.fake_quant import FakeQuantLinear
 
@@ -108,8 +108,11 @@ def heldout_hessians(model: nn.Module, windows: torch.Tensor, names: list[str], 
 
 def probe(model: nn.Module, windows: torch.Tensor, fp_weights: dict[str, torch.Tensor],
           hessians: dict[str, torch.Tensor], *, grad: bool = False, batch_size: int = 2,
-          blocks: BlockReference | None = None) -> dict:
-    """Global and local losses of the model as it stands (module docstring).
+          blocks: BlockReference | None = None, energies: dict[str, float] | None = None
+          ) -> dict:
+    """Global and local losses of the model as it stands (module docstring). `energies`:
+    {name: ptq.output_energy(fp_weights[name], hessians[name])}, the same for every model
+    probed against these weights and Hessians; computed here when not given.
 
     Returns {"nll", "local_fp_mean", "local_prop_mean", "distance", "layers": {name: {...}}};
     the means are over layers; distance is relative_norm over all layers. With `blocks` (the
@@ -167,14 +170,18 @@ def probe(model: nn.Module, windows: torch.Tensor, fp_weights: dict[str, torch.T
             for p, flag in flags.items():
                 p.requires_grad_(flag)
     layers = {}
+    if energies is None:
+        energies = {n: output_energy(W[n], hessians[n]) for n in names}
     for n in names:
-        row = {"rel_err_fp": relative_output_error_from_hessian(W[n], W_hat[n], hessians[n]),
+        row = {"rel_err_fp": relative_output_error_from_hessian(W[n], W_hat[n], hessians[n],
+                                                                energy=energies[n]),
                "rel_err_prop": err[n] / energy[n] if energy[n] > 0 else 0.0,
                "distance": float(dW[n].norm() / W[n].norm().clamp_min(1e-30))}
         if grad:
             g = params[n].grad
             g = g if g.shape == W[n].shape else g.T  # GPT-2 Conv1D stores (in, out)
-            row["grad_cosine"] = cosine(g, relative_output_error_grad(W[n], W_hat[n], hessians[n]))
+            row["grad_cosine"] = cosine(g, relative_output_error_grad(W[n], W_hat[n], hessians[n],
+                                                                      energy=energies[n]))
             params[n].grad = None
         layers[n] = row
     out = {"nll": total / count,

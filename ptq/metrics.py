@@ -64,18 +64,22 @@ def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor)
 
 
 def relative_output_error_from_hessian(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor,
-                                       loss: float | None = None) -> float:
-    """The same ratio from H; `loss` = layer_loss(W, W_hat, H) when the caller already has it."""
+                                       loss: float | None = None, energy: float | None = None
+                                       ) -> float:
+    """The same ratio from H; `loss` = layer_loss(W, W_hat, H) and `energy` =
+    output_energy(W, H) when the caller already has them."""
     loss = layer_loss(W, W_hat, H) if loss is None else loss
-    energy = output_energy(W, H)
+    energy = output_energy(W, H) if energy is None else energy
     return loss / energy if energy > 0 else 0.0
 
 
-def relative_output_error_grad(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor
-                               ) -> torch.Tensor:
-    """d e / d W_hat = 2 (W_hat - W) H / tr(W H W^T), float32 (out, in) (module docstring)."""
+def relative_output_error_grad(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor,
+                               energy: float | None = None) -> torch.Tensor:
+    """d e / d W_hat = 2 (W_hat - W) H / tr(W H W^T), float32 (out, in) (module docstring);
+    `energy` = output_energy(W, H) when the caller already has it."""
     dW = W_hat.detach().float() - W.detach().float()
-    return 2.0 * (dW @ H.float()) / max(output_energy(W, H), 1e-300)
+    energy = output_energy(W, H) if energy is None else energy
+    return 2.0 * (dW @ H.float()) / max(energy, 1e-300)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ mode: `finetune_qaft`, `finetune_lora`, `finetune_fp` (qaft.finetuning); the loo
 from . import block_ap, distill, lora, train  # block_ap registers the block method "block-ap"
 from .block_ap import BlockAPOptions
 from .fake_quant import (INITS, SCALE_MODES, FakeQuantLinear, QAFTConfig, convert,
-                         fake_quant_layers, prepare)
+                         fake_quant_layers, prepare, weights_computed_once)
 from .finetuning import (QAFT_SEARCH_SPACE, FinetuneResult, finetune_fp, finetune_lora,
                          finetune_qaft, trial_configs)
 from .lora import LoraOptions, merge_and_requantize, prepare_lora
@@ -18,4 +18,4 @@ __all__ = ["BlockAPOptions", "FakeQuantLinear", "FinetuneResult", "INITS", "Lora
            "QAFTConfig", "QAFT_SEARCH_SPACE", "SCALE_MODES", "TrainConfig", "TrainResult",
            "block_ap", "convert", "distill", "fake_quant_layers", "finetune", "finetune_fp",
            "finetune_lora", "finetune_qaft", "lora", "merge_and_requantize", "prepare",
-           "prepare_lora", "train", "trial_configs"]
+           "prepare_lora", "train", "trial_configs", "weights_computed_once"]

@@ -42,6 +42,7 @@ were made with.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +55,7 @@ from ptq.formats import (ClipSearch, QParams, QuantizedTensor, QuantSpec, comput
 from ptq.layers import FilterFn, linear_weight, select_linears, set_linear_weight
 
 __all__ = ["FakeQuantLinear", "QAFTConfig", "prepare", "convert", "fake_quant_layers",
-           "SCALE_MODES", "INITS"]
+           "weights_computed_once", "SCALE_MODES", "INITS"]
 
 SCALE_MODES = ("dynamic", "fixed", "learned")
 INITS = ("rtn", "mse", "gptq")
@@ -151,6 +152,7 @@ class FakeQuantLinear(nn.Module):
                  init: str | QuantizedTensor = "rtn", clipped_ste: bool = True,
                  clip_dynamic: bool = True, learn_zero: bool = False):
         super().__init__()
+        self._w_hat = None  # W_hat held by weights_computed_once
         if scale_mode not in SCALE_MODES:
             raise OptionsError(f"scale_mode={scale_mode!r}: use one of {SCALE_MODES}")
         self.spec = parse_spec(spec)
@@ -218,6 +220,8 @@ class FakeQuantLinear(nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         """W_hat (out, in) with the STE attached (what forward multiplies by)."""
+        if self._w_hat is not None and not torch.is_grad_enabled():
+            return self._w_hat
         p = self.qparams()
         # under dynamic scales nothing lies outside the group's own [min, max] (clip_dynamic)
         clipped = self.clipped_ste and (self.clip_dynamic or self.scale_mode != "dynamic")
@@ -241,6 +245,23 @@ class FakeQuantLinear(nn.Module):
                 f"spec={self.spec}, scale_mode={self.scale_mode}, clipped_ste={self.clipped_ste}"
                 f"{'' if self.clip_dynamic else ', clip_dynamic=False'}"
                 f"{', learn_zero=True' if self.learn_zero else ''}")
+
+
+@contextmanager
+def weights_computed_once(model: nn.Module):
+    """Inside the block, every fake-quantized layer of `model` computes W_hat once and reuses
+    it in passes without gradients: for measurements that run the model, its blocks and its
+    weights several times while nothing changes them (a probe). Passes with gradients compute
+    W_hat as always; the held copies (one per layer) are dropped on the way out."""
+    layers = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
+    with torch.no_grad():
+        for m in layers:
+            m._w_hat = m.quantized_weight()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._w_hat = None
 
 
 def _check_learn_zero(spec: QuantSpec, scale_mode: str) -> None:

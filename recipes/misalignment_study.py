@@ -30,7 +30,7 @@ from ptq import quantize_model
 from ptq.arch import block_prefix, decoder_blocks
 from ptq.formats import parse_spec
 from ptq.layers import linear_weight, quantizable_linears
-from ptq.metrics import layer_loss, relative_output_error_from_hessian
+from ptq.metrics import layer_loss, output_energy, relative_output_error_from_hessian
 from ptq.registry import get_method
 from recipes.common import check_specs
 from recipes.misalignment_config import QAFT_ARMS, MisalignmentConfig, parse_variant
@@ -146,6 +146,9 @@ class Study:
         self.fp_weights = solution_weights(model, self.names)
         self.hessians = heldout_hessians(model, self.probe_windows, self.names,
                                          batch_size=cfg.batch_size)
+        # every probe's denominators, tr(W H W^T) of the FP weights: computed once
+        self.energies = {n: output_energy(self.fp_weights[n].float(), self.hessians[n])
+                         for n in self.names}
         self.reference = reference_logprobs(model, self.windows, batch_size=cfg.batch_size,
                                             progress=progress)
         self.block_ref = block_reference(model, self.probe_windows, batch_size=cfg.batch_size)
@@ -185,7 +188,8 @@ class Study:
 
     def probe(self, model, grad: bool = False) -> dict:
         return probe(model, self.probe_windows, self.fp_weights, self.hessians, grad=grad,
-                     batch_size=self.cfg.batch_size, blocks=self.block_ref)
+                     batch_size=self.cfg.batch_size, blocks=self.block_ref,
+                     energies=self.energies)
 
     def _compute(self, model):
         """A float32 model being fine-tuned is measured in the study's dtype (autocast), as the
@@ -196,7 +200,7 @@ class Study:
 
     def checkpoint(self, model) -> dict:
         """The probe summary recorded along QAFT / GPTQ runs."""
-        with self._compute(model):
+        with self._compute(model), qaft.weights_computed_once(model):
             p = self.probe(model)
         return {k: p[k] for k in ("nll", "local_fp_mean", "local_prop_mean", "block_fp_mean",
                                   "distance")}
@@ -411,7 +415,8 @@ def sensitivity(study: Study, bits: int) -> dict:
                                   desc=f"sensitivity {spec}")
     rows = [{"name": n, "block": study.block_of[n], "kind": n.rsplit(".", 1)[-1],
              "rel_err_fp": relative_output_error_from_hessian(study.fp_weights[n], solution[n],
-                                                              study.hessians[n]),
+                                                              study.hessians[n],
+                                                              energy=study.energies[n]),
              "proxy_loss": layer_loss(study.fp_weights[n], solution[n], study.hessians[n]),
              "delta_nll": delta[n]} for n in chosen]
     return {"spec": spec, "method": "rtn", "layers": rows,

@@ -137,3 +137,26 @@ def test_gpt2_conv1d_layers_are_fake_quantized_along_their_input_dimension():
     assert torch.equal(conv.weight.t(), ptq.dequantize(codes["transformer.h.0.mlp.c_fc"]))
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, fake, atol=1e-5)
+
+
+def test_weights_computed_once_reuse_w_hat_without_gradients_and_leave_training_alone():
+    import qaft
+
+    torch.manual_seed(0)
+    layers = [qaft.FakeQuantLinear(torch.nn.Linear(32, 16), "int3-g16", scale_mode="learned"),
+              qaft.FakeQuantLinear(torch.nn.Linear(16, 8), "int3-g16", scale_mode="learned")]
+    model = torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1])
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        expected = model(x)
+    calls = []
+    for m in layers:
+        m.register_forward_pre_hook(lambda mod, args: calls.append(mod.quantized_weight()))
+    with qaft.weights_computed_once(model):
+        with torch.no_grad():
+            held = [m.quantized_weight() for m in layers]
+            assert torch.equal(model(x), expected) and torch.equal(model(x), expected)
+        assert all(c is h for c, h in zip(calls, held * 2))  # the same tensors, not recomputed
+        model(x).sum().backward()  # with gradients: the STE path as always
+    assert all(m.weight.grad is not None and m.scale.grad is not None for m in layers)
+    assert all(m._w_hat is None for m in layers)  # dropped on the way out
