@@ -10,8 +10,9 @@ Inputs of a bfloat16 model on a CPU take oneDNN's bf16 path for that float32 GEM
 it rounds the operands to bfloat16, which leaves values that already are bfloat16 unchanged,
 multiplies them exactly (two 8-bit significands fit in float32's 24) and sums in float32, so it
 computes the same X^T X as the plain float32 GEMM up to the order of the sums, 2.6-2.9x faster on
-a CPU with AMX/AVX512-BF16 (benchmarks/README.md). Any other input (float32, float16, or on
-another device) takes the plain float32 GEMM."""
+a CPU with AMX/AVX512-BF16 (benchmarks/README.md; the values are the same on any CPU, the
+speed was not measured on one without bf16 units). Any other input (float32, float16, on another
+device, or a build without oneDNN) takes the plain float32 GEMM."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def _cpu_fp32_matmul_precision(precision: str):
 
 def gram(x: torch.Tensor) -> torch.Tensor:
     """X^T X of x (m, n) as float32 (n, n): float32 products and sums (module docstring)."""
-    exact_bf16 = x.dtype == torch.bfloat16 and x.device.type == "cpu"
+    exact_bf16 = (x.dtype == torch.bfloat16 and x.device.type == "cpu"
+                  and torch.backends.mkldnn.is_available())
     x = x.float()
     if not exact_bf16:
         return x.T @ x
