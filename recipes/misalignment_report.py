@@ -451,6 +451,12 @@ def report(state: dict, summary: dict) -> str:
                      f"{m['local_fp_mean']:.4g} | {m['local_prop_mean']:.4g} | "
                      f"{m['distance']:.4f} | {r['budget']['tokens_processed']:,} | {chosen} | "
                      f"{r['seconds']['solve']:.0f} |")
+    starts = sorted({r["id"] for r in runs.values()
+                     if (r.get("start") or {}).get("from") == "gptq arm"})
+    if starts:
+        lines += ["", f"{', '.join(starts)}: QAFT from the solution the GPTQ run of the same "
+                  "width and seed chose (`start` in results.json); its solve seconds leave that "
+                  "GPTQ run out."]
     lines += ["", "## Comparisons (held-out perplexity ratio B / A, 95% paired bootstrap over "
               "windows, per seed)", "", "| bits | A vs B | ratio per seed | verdict |",
               "|---|---|---|---|"]

@@ -359,6 +359,8 @@ def test_qaft_from_gptq_starts_at_the_gptq_arms_choice_also_after_a_resume(tmp_p
     start = straight["qaft-gptq/int2-g16"]["start"]
     assert start == {"method": "gptq", "options": straight["gptq/int2-g16"]["chosen"],
                      "from": "gptq arm"}
+    assert "qaft-gptq/int2-g16: QAFT from the solution the GPTQ run" in (
+        tmp_path / "straight" / "report.md").read_text()
 
     real = misalignment.measure
 
