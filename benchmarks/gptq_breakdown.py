@@ -50,9 +50,10 @@ def _hessian_seconds(block, layers: dict, inputs, kwargs) -> dict:
         h.remove()
     batches = [x for group in xs.values() for x in group]
 
-    def plain():
+    def plain():  # what HessianAccumulator did before gram: upcast once, float32 GEMM
         for x in batches:
-            x.float().T @ x.float()
+            xf = x.float()
+            xf.T @ xf
 
     def ours():
         for x in batches:

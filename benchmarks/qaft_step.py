@@ -4,9 +4,11 @@
 
 SmolLM2-135M, batch 1 x seq_len tokens of the embedded train split, AdamW, forward + backward +
 optimizer step; float32 weights, computing in float32 or (--dtype bfloat16) under bfloat16
-autocast, as the misalignment recipe fine-tunes on a CPU with AMX/AVX512-BF16. Reports the median step time of each, their ratio, the peak RSS sampled during
-each phase, and the time of the fake quantization alone (all layers' W -> W_hat forward and the
-STE backward), which is the overhead's floor.
+autocast, as the misalignment recipe fine-tunes on a CPU with AMX/AVX512-BF16. Reports the
+median step time of each, their ratio, the peak RSS sampled during each phase, the time of the
+fake quantization alone (all layers' W -> W_hat forward and the STE backward), which is the
+overhead's floor, and one AdamW step over the trainable weights with the fused kernel the
+toolkit uses and with PyTorch's default implementation.
 """
 
 from __future__ import annotations
@@ -40,6 +42,20 @@ def steps(model, blocks, n: int, dtype: torch.dtype) -> list[float]:
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def optimizer_step(params, fused, repeat: int = 3) -> float:
+    """Best-of-`repeat` seconds of one AdamW step over `params` (gradients set to ones)."""
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=fused)
+    opt.step()  # the state is allocated on the first step
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        opt.step()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def main() -> None:
@@ -78,6 +94,9 @@ def main() -> None:
             w_hat = layer.quantized_weight()
             w_hat.backward(torch.ones_like(w_hat))
     report["fake_quant_alone_s"] = (time.perf_counter() - t0) / 3
+    params = [p for p in model.parameters() if p.requires_grad]
+    report.update(optimizer_step_fused_s=optimizer_step(params, fused_adam(params)),
+                  optimizer_step_default_s=optimizer_step(params, None))
     print(json.dumps(report, indent=1))
     if args.json:
         from compare.io import write_json

@@ -9,8 +9,8 @@ Inputs of a bfloat16 model on a CPU take oneDNN's bf16 path for that float32 GEM
 (`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`, set for the one GEMM and restored):
 it rounds the operands to bfloat16, which leaves values that already are bfloat16 unchanged,
 multiplies them exactly (two 8-bit significands fit in float32's 24) and sums in float32, so it
-computes the same X^T X as the plain float32 GEMM up to the order of the sums, 2.6-2.9x faster on
-a CPU with AMX/AVX512-BF16 (benchmarks/README.md; the values are the same on any CPU, the
+computes the same X^T X as the plain float32 GEMM up to the order of the sums, 2.7x faster on a
+CPU with AMX/AVX512-BF16 (benchmarks/gptq_breakdown.py; the values are the same on any CPU, the
 speed was not measured on one without bf16 units). Any other input (float32, float16, on another
 device, or a build without oneDNN) takes the plain float32 GEMM."""
 

@@ -182,9 +182,9 @@ class TrainResult:
 
 def fused_adam(params) -> bool | None:
     """True where every parameter lies on a device with PyTorch's fused Adam/AdamW kernel (CPU,
-    CUDA): one pass over each parameter instead of a dozen, 0.07 s against 0.31 s per step for
-    SmolLM2-135M's 106 M linear weights on the 2-core CPU (benchmarks/README.md); the values
-    agree with the default implementation to float32 rounding. None (the default) elsewhere."""
+    CUDA): one pass over each parameter instead of a dozen, 0.09 s against 0.28-0.31 s per
+    step for SmolLM2-135M on the 2-core CPU (benchmarks/qaft_step.py); the values agree with the
+    default implementation to float32 rounding. None (the default) elsewhere."""
     return True if all(p.device.type in ("cpu", "cuda") for p in params) else None
 
 

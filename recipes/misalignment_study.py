@@ -244,10 +244,11 @@ def _finetune(study: Study, plan: Plan, model, point: dict, out: dict) -> None:
         # step 0 of an RTN start is RTN (dynamic min/max scales give exactly RTN's grid)
         start_weights = study.rtn_weights(plan.spec) if config.init == "rtn" else None
         # a GPTQ start is the GPTQ arm's chosen solution, the same for every trial
-        start = study.gptq_start(plan.spec, plan.seed) if config.init == "gptq" else None
+        key = (plan.spec, plan.seed)
+        start = study.gptq_start(*key) if config.init == "gptq" else None
         out["start"] = None if start is None else {
-            "method": "gptq", "options": study.gptq_chosen.get((plan.spec, plan.seed), {}),
-            "from": "gptq arm" if (plan.spec, plan.seed) in study.gptq_chosen else "defaults"}
+            "method": "gptq", "options": study.gptq_chosen.get(key, {}),
+            "from": "gptq arm" if key in study.gptq_chosen else "defaults"}
         run = lambda: qaft.finetune_qaft(model, study.calib[plan.seed], plan.spec,  # noqa: E731
                                          config, train, eval_fn=study.checkpoint,
                                          validate_fn=validate, progress=study.progress,
