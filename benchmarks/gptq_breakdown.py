@@ -1,12 +1,14 @@
 """Where a GPTQ run on SmolLM2-135M spends time and memory, measured piece by piece.
 
-    python -m benchmarks.gptq_breakdown --samples 128 --seq-len 512 [--dtype bfloat16]
+    python -m benchmarks.gptq_breakdown --samples 128 --seq-len 512 [--dtype bfloat16] \
+        [--default-allocator]
 
 Reports the process RSS after loading the model and after tokenizing the train split, the time
 of one decoder block's forward pass over the whole calibration budget (and the GFLOP/s of its
 linear layers), the time of that block's Hessians (X^T X of each input group over every batch,
 as `ptq.hessian.gram` takes it and as a plain float32 GEMM of the upcast inputs), this machine's
-GEMM rate in the model's dtype, and the implied totals over all blocks.
+GEMM rate in the model's dtype, and the implied totals over all blocks. glibc's allocator is
+tuned first, as the `qalign` command does (`ptq.allocator`), unless --default-allocator.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from compare.dtypes import resolve_dtype
 from compare.memory import current_rss
 from compare.models import load_model
 from ptq.layers import linear_weight, quantizable_linears
+from ptq.allocator import tune_allocator
 from ptq.arch import decoder_blocks
 from ptq.hessian import gram
 from ptq.sequential import _input_groups, _run_block, capture_block_inputs
@@ -69,10 +72,14 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512, help="block length (default: 512)")
     p.add_argument("--dtype", default="float32",
                    help="model dtype: float32, bfloat16 or auto (default: float32)")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="keep glibc's malloc settings (default: tuned as the qalign command "
+                        "tunes them)")
     args = p.parse_args()
+    tuned = not args.default_allocator and tune_allocator()
     dtype = resolve_dtype(args.dtype, "cpu")
 
-    report = {"rss_start_gb": current_rss() / 1e9}
+    report = {"allocator": "tuned" if tuned else "default", "rss_start_gb": current_rss() / 1e9}
     model, tok = load_model("smollm2-135m", dtype=dtype)
     report["rss_model_loaded_gb"] = current_rss() / 1e9
     train = tokenize(tok, load_text("wiki").train)

@@ -9,8 +9,11 @@ held-out windows are written once to a safetensors file that both sides read. Fo
 dtype (the model's weights and activations; both libraries keep their Hessians and solves in
 float32 or wider), each side runs in a fresh process, one after the other, and reports its
 quantization seconds, whole-process wall time and peak RSS (ru_maxrss; qalign's also by phase:
-after loading, while quantizing, while evaluating) and the held-out perplexity. Without
---lc-python only qalign runs. (llm-compressor pins its own transformers: `python -m venv lc &&
+after loading, while quantizing, while evaluating) and the held-out perplexity. qalign tunes
+glibc's allocator first, as its command line does (`ptq.allocator`); llm-compressor runs once per
+--lc-allocator: with glibc's defaults, as a user gets it, and with the same settings given as
+environment variables, which isolates the libraries' own work. Without --lc-python only qalign
+runs. (llm-compressor pins its own transformers: `python -m venv lc &&
 lc/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1`.)
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -54,9 +58,11 @@ def run_ours(args) -> None:
     from compare.evaluate import evaluate_nll
     from compare.memory import PeakRSS, current_rss
     from compare.models import load_model
+    from ptq.allocator import tune_allocator
     from ptq.gptq import GPTQOptions
     from ptq import quantize_model
 
+    tuned = tune_allocator()
     tokens = load_file(args.tokens)
     dtype = getattr(torch, args.dtype[0])
     model, _ = load_model("smollm2-135m", with_tokenizer=False, dtype=dtype)
@@ -70,6 +76,7 @@ def run_ours(args) -> None:
     with PeakRSS() as evaluating:
         ev = evaluate_nll(model, tokens["eval"], progress=False)
     print(json.dumps({"library": "qalign", "dtype": args.dtype[0], "spec": spec,
+                      "allocator": "tuned" if tuned else "default",
                       "options": vars(options),
                       "quantize_seconds": quantize_seconds, "nll": ev.nll,
                       "perplexity": math.exp(ev.nll),
@@ -79,9 +86,10 @@ def run_ours(args) -> None:
                       "peak_rss_evaluate_bytes": evaluating.peak}))
 
 
-def child(cmd: list[str]) -> dict:
-    print("$", " ".join(cmd), flush=True)
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+def child(cmd: list[str], env: dict | None = None) -> dict:
+    print("$", *(f"{k}={v}" for k, v in (env or {}).items()), " ".join(cmd), flush=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         env=None if env is None else {**os.environ, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -99,6 +107,10 @@ def main() -> None:
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                    help="compute dtypes, each a row per library (default: float32)")
     p.add_argument("--lc-python", help="python of a venv with llmcompressor (else qalign only)")
+    p.add_argument("--lc-allocator", nargs="+", default=["default", "tuned"],
+                   choices=["default", "tuned"],
+                   help="llm-compressor's malloc settings, a row each: glibc's defaults and/or "
+                        "qalign's, as environment variables (default: both)")
     p.add_argument("--out", type=Path, default=Path("results/bench-gptq"), help="output folder")
     p.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tokens", help=argparse.SUPPRESS)
@@ -106,6 +118,8 @@ def main() -> None:
     if args.ours:
         run_ours(args)
         return
+
+    from ptq.allocator import ALLOCATOR_ENV
 
     tokens = prepare(args)
     rows = []
@@ -116,9 +130,11 @@ def main() -> None:
         rows.append(child([sys.executable, __file__, "--ours", "--tokens", str(tokens), *flags,
                            *(["--no-act-order"] if args.no_act_order else []),
                            *(["--no-clip-search"] if args.no_clip_search else [])]))
-        if args.lc_python:
-            rows.append(child([args.lc_python, script, "--model", str(args.model_dir),
-                               "--tokens", str(tokens), *flags]))
+        for allocator in args.lc_allocator if args.lc_python else []:
+            row = child([args.lc_python, script, "--model", str(args.model_dir),
+                         "--tokens", str(tokens), *flags],
+                        env=ALLOCATOR_ENV if allocator == "tuned" else None)
+            rows.append({**row, "allocator": allocator})
     from compare.io import write_json
     from recipes.common import versions
 
@@ -126,10 +142,10 @@ def main() -> None:
                                            "versions": versions(), "rows": rows})
     print(f"\n{args.samples} x {args.seq_len} calibration tokens, int{args.bits} "
           f"{'sym' if args.sym else 'asym'} g{args.group_size}")
-    print("| library | dtype | quantize s | whole run s | peak RSS GB | perplexity |")
-    print("|---|---|---|---|---|---|")
+    print("| library | dtype | allocator | quantize s | whole run s | peak RSS GB | perplexity |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['library']} | {r['dtype']} | {r['quantize_seconds']:.1f} | "
+        print(f"| {r['library']} | {r['dtype']} | {r['allocator']} | {r['quantize_seconds']:.1f} | "
               f"{r['wall_seconds']:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
               f"{r['perplexity']:.2f} |")
 

@@ -8,7 +8,8 @@ autocast, as the misalignment recipe fine-tunes on a CPU with AMX/AVX512-BF16. R
 median step time of each, their ratio, the peak RSS sampled during each phase, the time of the
 fake quantization alone (all layers' W -> W_hat forward and the STE backward), which is the
 overhead's floor, and one AdamW step over the trainable weights with the fused kernel the
-toolkit uses and with PyTorch's default implementation.
+toolkit uses and with PyTorch's default implementation. glibc's allocator is tuned first, as the
+`qalign` command does (`ptq.allocator`), unless --default-allocator.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import qaft
 from compare.data import DataBudget, load_text, tokenize
 from compare.memory import PeakRSS
 from compare.models import load_model
+from ptq.allocator import tune_allocator
 from qaft.train import fused_adam
 
 
@@ -68,15 +70,20 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (bfloat16: autocast over float32 weights; default: "
                         "float32)")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="keep glibc's malloc settings (default: tuned as the qalign command "
+                        "tunes them)")
     p.add_argument("--json", help="also write the report here")
     args = p.parse_args()
+    tuned = not args.default_allocator and tune_allocator()
     dtype = getattr(torch, args.dtype)
 
     model, tok = load_model("smollm2-135m")
     blocks = DataBudget(args.steps + args.warmup, args.seq_len).blocks(
         tokenize(tok, load_text("wiki").train))
     report = {"spec": args.spec, "seq_len": args.seq_len, "scale_mode": args.scale_mode,
-              "dtype": args.dtype, "threads": torch.get_num_threads()}
+              "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "allocator": "tuned" if tuned else "default"}
     with PeakRSS() as mem:
         fp = steps(model, blocks, args.warmup + args.steps, dtype)[args.warmup:]
     report.update(fp_step_s=statistics.median(fp), fp_peak_rss_gb=mem.peak / 1e9)

@@ -132,7 +132,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec | str, method: str = "rtn",
         raise QalignError(f"true_sequential orders the layers inside a block; the block method "
                           f"{method!r} quantizes each block at once: leave it off")
     if calib is not None:
-        from .sequential import _release_freed_memory, quantize_blocks
+        from .allocator import release_freed_memory
+        from .sequential import quantize_blocks
 
         _check_calib(model, calib)
 
@@ -140,7 +141,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | str, method: str = "rtn",
             model, calib, spec, m, options, dict(layers), true_sequential=true_sequential,
             propagate=propagate, batch_size=batch_size, device=device, progress=progress,
             on_block=on_block, offload_dir=offload_dir)
-        _release_freed_memory()  # the captured activations and the last block's leftovers
+        release_freed_memory()  # the captured activations and the last block's leftovers
         tokens = int(calib.numel())
     else:
         records, quantized = _quantize_layers(model, spec, m, options, layers, progress)

@@ -19,10 +19,10 @@ activations of the budget are held twice (inputs and Y), on disk with `offload_d
 Dtypes: the blocks run in the model's own dtype, and the captured activations are kept in it
 (bfloat16 halves them); with `offload_dir` they live on disk, one file per batch, and memory holds
 one batch at a time. After each block the memory it freed is handed back to the OS
-(`_release_freed_memory`). The statistics do not follow the model's dtype: each batch's X^T X has
-float32 products and sums (`ptq.hessian.gram`; bfloat16 inputs on a CPU take oneDNN's exact bf16
-path), summed over batches in float64 (`HessianAccumulator`), and a method receives
-W upcast to float32 from a 16-bit model (scales and the GPTQ solve stay float32/float64); its
+(`ptq.allocator.release_freed_memory`). The statistics do not follow the model's dtype: each
+batch's X^T X has float32 products and sums (`ptq.hessian.gram`; bfloat16 inputs on a CPU
+take oneDNN's exact bf16 path), summed over batches in float64 (`HessianAccumulator`), and a
+method receives W upcast to float32 from a 16-bit model (scales and the GPTQ solve stay float32/float64); its
 result is written back rounded to the model's dtype, and the record's losses are those of the
 weight the model then holds.
 The relative output error of each layer on its calibration inputs, ||X dW^T||^2 / ||X W^T||^2,
@@ -31,8 +31,6 @@ is exactly tr(dW H dW^T) / tr(W H W^T), so it comes from H without storing X.
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -44,6 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocator import release_freed_memory
 from .apply import BlockRecord, LayerRecord
 from .arch import block_prefix, decoder_blocks
 from .capture import DiskActivations, block_output, capture_block_inputs
@@ -61,29 +60,6 @@ __all__ = ["quantize_blocks"]
 
 # weight dtypes that methods receive upcast to float32 (their rounding would swamp the solve)
 _UPCAST = (torch.bfloat16, torch.float16)
-
-
-def _glibc_malloc_trim():
-    """glibc's malloc_trim, or None (another OS or C library, e.g. musl, has none)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None).malloc_trim  # the C library this process already runs on
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _glibc_malloc_trim()
-
-
-def _release_freed_memory() -> None:
-    """Return the memory freed in a block pass to the OS. glibc keeps freed heap blocks for
-    reuse, and the driver's pattern (Hessians, float64 factors, per-layer copies, activation
-    batches) leaves the process far above what it holds: SmolLM2-135M, 128 x 512, bfloat16, was
-    at 1.25 GB after quantizing against 0.71 GB after one malloc_trim (benchmarks/README.md).
-    No effect on any number; a no-op without glibc."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _run_block(block: nn.Module, inputs, kwargs_list: list[dict], out=None) -> None:
@@ -254,7 +230,7 @@ def quantize_blocks(model: nn.Module, calib: torch.Tensor, spec: QuantSpec, meth
             del fp_out
             if device != home:
                 blocks[k].to(home)
-            _release_freed_memory()
+            release_freed_memory()
             if on_block is not None:
                 on_block(k, records)
             worst = max((r.rel_output_error for r in records if r.block == k), default=0.0)

@@ -126,18 +126,20 @@ class _FakeQuantSTE(torch.autograd.Function):
     def backward(ctx, grad):
         weight, w_hat, scale, inside = ctx.saved_tensors
         spec = ctx.spec
-        grad_w = grad * inside if ctx.clipped else grad
+        # where(), not grad * inside: a bool factor is first copied to a float tensor
+        grad_w = torch.where(inside, grad, 0.0) if ctx.clipped else grad
         grad_s = grad_z = None
         if ctx.lsq:
             # s is one number per block, so it leaves the block sums: sum(grad * d) with
-            # d = (W_hat - W * inside) / s is sum(grad * (W_hat - W * inside)) / s, one
-            # division per block instead of a weight-sized one (and no weight-sized s)
+            # d = (W_hat - W * inside) / s is sum(grad * W_hat - grad_in * W) / s, where
+            # grad_in = grad * inside; one division per block, no weight-sized s or mask copy
             block = weight.numel() // scale.numel()
             lsq = 1 / math.sqrt(block * (spec.qmax if spec.kind == "int" else spec.float_max))
-            d = (weight * inside).neg_().add_(w_hat).mul_(grad)  # grad * (W_hat - W inside)
+            grad_in = grad_w if ctx.clipped else torch.where(inside, grad, 0.0)
+            d = torch.mul(grad, w_hat).addcmul_(grad_in, weight, value=-1)
             grad_s = (sum_blocks(d, spec) / scale).to(scale.dtype) * lsq
             if ctx.learn_zero:  # dW_hat/dz: 0 inside the range, -s outside
-                grad_z = -(sum_blocks(grad * ~inside, spec) * scale).to(scale.dtype) * lsq
+                grad_z = -(sum_blocks(grad - grad_in, spec) * scale).to(scale.dtype) * lsq
         return grad_w, grad_s, grad_z, None, None, None, None
 
 

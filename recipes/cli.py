@@ -27,6 +27,7 @@ from compare.evaluate import evaluate_nll, heldout_windows
 from compare.io import read_json, write_csv, write_json
 from compare.dtypes import describe_dtype_choice, resolve_dtype
 from compare.models import EMBEDDED_MODELS, check_seq_len, load_model, prepare_embedded
+from ptq.allocator import tune_allocator
 from ptq.checkpoint import save_quantized
 from ptq.export import check_compressed_tensors_spec, save_compressed_tensors
 from ptq.errors import OptionsError, QalignError
@@ -373,6 +374,7 @@ def run_or_exit(fn, args):
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    tune_allocator()  # freed activations reused, not faulted in again (ptq.allocator)
     run_or_exit(load_user_plugins, argv)
     args = build_parser().parse_args(argv)
     run_or_exit(args.fn, args)
