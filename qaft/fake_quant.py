@@ -54,6 +54,8 @@ from ptq.formats import (ClipSearch, QParams, QuantizedTensor, QuantSpec, comput
                          quantize, sum_blocks)
 from ptq.layers import FilterFn, linear_weight, select_linears, set_linear_weight
 
+from . import fused
+
 __all__ = ["FakeQuantLinear", "QAFTConfig", "prepare", "convert", "fake_quant_layers",
            "weights_computed_once", "SCALE_MODES", "INITS"]
 
@@ -106,40 +108,56 @@ class QAFTConfig:
 
 
 class _FakeQuantSTE(torch.autograd.Function):
-    """W_hat = fake_quantize_with(W, (scale, zero), spec); straight-through backward."""
+    """W_hat = fake_quantize_with(W, (scale, zero), spec); straight-through backward. Float32 CPU
+    weights on integer grids take the fused kernels (qaft.fused), the same numbers in one pass
+    each way."""
 
     @staticmethod
     def forward(ctx, weight, scale, zero, spec, clipped, lsq, learn_zero):
         if learn_zero:  # a float zero point, used rounded onto the integer codes
             zero = torch.round(zero).clamp(spec.qmin, spec.qmax)
         p = QParams(scale, zero)
-        w_hat = fake_quantize_with(weight, p, spec)
-        need_mask = clipped or lsq
-        inside = None
-        if need_mask:
-            inside = inside_range(weight, p, spec)
         ctx.spec, ctx.clipped, ctx.lsq, ctx.learn_zero = spec, clipped, lsq, learn_zero
+        ctx.fused = fused.usable(weight, spec)
+        if ctx.fused:  # its backward recomputes the mask and W_hat from W
+            ctx.save_for_backward(weight, scale, zero)
+            return fused.fake_quantize(weight, p, spec)
+        w_hat = fake_quantize_with(weight, p, spec)
+        inside = inside_range(weight, p, spec) if clipped or lsq else None
         ctx.save_for_backward(weight, w_hat if lsq else None, scale if lsq else None, inside)
         return w_hat
 
     @staticmethod
     def backward(ctx, grad):
-        weight, w_hat, scale, inside = ctx.saved_tensors
-        spec = ctx.spec
-        # where(), not grad * inside: a bool factor is first copied to a float tensor
-        grad_w = torch.where(inside, grad, 0.0) if ctx.clipped else grad
+        if not (ctx.clipped or ctx.lsq):  # the plain STE
+            return grad, None, None, None, None, None, None
+        if ctx.fused:
+            weight, scale, zero = ctx.saved_tensors
+            grad_w, sum_s, sum_z = fused.ste_backward(grad, weight, QParams(scale, zero),
+                                                      ctx.spec, ctx.clipped, ctx.lsq,
+                                                      ctx.learn_zero)
+        else:
+            weight, w_hat, scale, inside = ctx.saved_tensors
+            # where(), not grad * inside: a bool factor is first copied to a float tensor
+            grad_in = torch.where(inside, grad, 0.0)
+            grad_w = grad_in if ctx.clipped else grad
+            sum_s = sum_z = None
+            if ctx.lsq:
+                # sum over the block of grad * (W_hat - W * inside)
+                sum_s = sum_blocks(torch.mul(grad, w_hat).addcmul_(grad_in, weight, value=-1),
+                                   ctx.spec)
+                if ctx.learn_zero:
+                    sum_z = sum_blocks(grad - grad_in, ctx.spec)
         grad_s = grad_z = None
         if ctx.lsq:
-            # s is one number per block, so it leaves the block sums: sum(grad * d) with
-            # d = (W_hat - W * inside) / s is sum(grad * W_hat - grad_in * W) / s, where
-            # grad_in = grad * inside; one division per block, no weight-sized s or mask copy
+            # dW_hat/ds = (W_hat - W * inside) / s, and s leaves the block sum: one division
+            # per block, no weight-sized s
+            spec = ctx.spec
             block = weight.numel() // scale.numel()
             lsq = 1 / math.sqrt(block * (spec.qmax if spec.kind == "int" else spec.float_max))
-            grad_in = grad_w if ctx.clipped else torch.where(inside, grad, 0.0)
-            d = torch.mul(grad, w_hat).addcmul_(grad_in, weight, value=-1)
-            grad_s = (sum_blocks(d, spec) / scale).to(scale.dtype) * lsq
+            grad_s = (sum_s / scale).to(scale.dtype) * lsq
             if ctx.learn_zero:  # dW_hat/dz: 0 inside the range, -s outside
-                grad_z = -(sum_blocks(grad - grad_in, spec) * scale).to(scale.dtype) * lsq
+                grad_z = -(sum_z * scale).to(scale.dtype) * lsq
         return grad_w, grad_s, grad_z, None, None, None, None
 
 

@@ -1,0 +1,85 @@
+"""qaft.fused: the one-pass kernels give the eager STE's W_hat and dL/dW bit for bit, and its
+scale and zero-point gradients to float32 rounding, on every integer grid and STE variant."""
+
+import pytest
+import torch
+from torch import nn
+
+import ptq
+from ptq.formats import compute_qparams, parse_spec
+from qaft import fused
+from qaft.fake_quant import FakeQuantLinear
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="needs numba")
+
+SPECS = ["int2-g16", "int3-g64", "int4-sym-g32", "int3-ch", "int4-sym-ch", "int8-t"]
+
+
+def _weight(rows=24, cols=128, seed=0):
+    """Gaussian weights with some values exactly on rounding ties and far outside the range."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    w[0, :8] = torch.tensor([0.5, 1.5, -2.5, 3.5, -0.5, 40.0, -40.0, 0.0]) * 0.25
+    return w
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_forward_equals_the_ptq_round_trip_bit_for_bit(spec):
+    w = _weight()
+    p = compute_qparams(w, spec)
+    s = parse_spec(spec)
+    assert fused.usable(w, s)
+    got = fused.fake_quantize(w, p, s)
+    want = ptq.formats.fake_quantize_with(w, p, s)
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+
+
+def _step(spec, scale_mode, clipped, learn_zero, eager, monkeypatch):
+    """One forward/backward of a FakeQuantLinear; its input and parameter gradients."""
+    if eager:
+        monkeypatch.setattr(fused, "usable", lambda *a: False)
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 24, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(_weight())
+    fq = FakeQuantLinear(lin, spec, scale_mode=scale_mode, clipped_ste=clipped,
+                         learn_zero=learn_zero)
+    if scale_mode != "dynamic":  # move the range so that some weights fall outside it
+        with torch.no_grad():
+            fq.scale.mul_(0.7)
+    x = torch.randn(16, 128, requires_grad=True)
+    y = fq(x)
+    (y * torch.randn_like(y)).sum().backward()
+    grads = {"y": y.detach(), "x": x.grad, "w": lin.weight.grad}
+    if scale_mode == "learned":
+        grads["scale"] = fq.scale.grad
+    if learn_zero:
+        grads["zero"] = fq.zero.grad
+    monkeypatch.undo()
+    return grads
+
+
+@pytest.mark.parametrize("spec,scale_mode,clipped,learn_zero", [
+    ("int3-g64", "dynamic", True, False), ("int2-g16", "fixed", True, False),
+    ("int4-sym-g32", "learned", True, False), ("int3-g64", "learned", False, False),
+    ("int2-g16", "learned", True, True), ("int3-ch", "learned", True, True),
+    ("int4-sym-ch", "fixed", False, False)])
+def test_fused_ste_gradients_equal_the_eager_ones(spec, scale_mode, clipped, learn_zero,
+                                                  monkeypatch):
+    got = _step(spec, scale_mode, clipped, learn_zero, False, monkeypatch)
+    want = _step(spec, scale_mode, clipped, learn_zero, True, monkeypatch)
+    for k in ("y", "x", "w"):
+        assert torch.equal(got[k], want[k]), k
+    if clipped:
+        assert (got["w"] == 0).any()  # the clipped range was exercised
+    for k in ("scale", "zero"):
+        if k in want:
+            assert want[k].abs().max() > 0
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+
+
+def test_other_dtypes_layouts_and_grids_keep_the_eager_path():
+    w = _weight()
+    assert not fused.usable(w.bfloat16(), parse_spec("int3-g64"))
+    assert not fused.usable(w.T, parse_spec("int3-g64"))  # GPT-2's Conv1D weight is transposed
+    assert not fused.usable(w, parse_spec("e2m1-g16"))
