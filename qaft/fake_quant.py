@@ -110,10 +110,11 @@ class QAFTConfig:
 class _FakeQuantSTE(torch.autograd.Function):
     """W_hat = fake_quantize_with(W, (scale, zero), spec); straight-through backward. Float32 CPU
     weights on integer grids take the fused kernels (qaft.fused), the same numbers in one pass
-    each way."""
+    each way; there W_hat comes in `out_dtype` (bfloat16 under autocast: the cast autocast
+    would make, made in the same pass)."""
 
     @staticmethod
-    def forward(ctx, weight, scale, zero, spec, clipped, lsq, learn_zero):
+    def forward(ctx, weight, scale, zero, spec, clipped, lsq, learn_zero, out_dtype):
         if learn_zero:  # a float zero point, used rounded onto the integer codes
             zero = torch.round(zero).clamp(spec.qmin, spec.qmax)
         p = QParams(scale, zero)
@@ -121,7 +122,7 @@ class _FakeQuantSTE(torch.autograd.Function):
         ctx.fused = fused.usable(weight, spec)
         if ctx.fused:  # its backward recomputes the mask and W_hat from W
             ctx.save_for_backward(weight, scale, zero)
-            return fused.fake_quantize(weight, p, spec)
+            return fused.fake_quantize(weight, p, spec, out_dtype)
         w_hat = fake_quantize_with(weight, p, spec)
         inside = inside_range(weight, p, spec) if clipped or lsq else None
         ctx.save_for_backward(weight, w_hat if lsq else None, scale if lsq else None, inside)
@@ -130,7 +131,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if not (ctx.clipped or ctx.lsq):  # the plain STE
-            return grad, None, None, None, None, None, None
+            return grad.to(torch.float32), None, None, None, None, None, None, None
         if ctx.fused:
             weight, scale, zero = ctx.saved_tensors
             grad_w, sum_s, sum_z = fused.ste_backward(grad, weight, QParams(scale, zero),
@@ -158,7 +159,7 @@ class _FakeQuantSTE(torch.autograd.Function):
             grad_s = (sum_s / scale).to(scale.dtype) * lsq
             if ctx.learn_zero:  # dW_hat/dz: 0 inside the range, -s outside
                 grad_z = -(sum_z * scale).to(scale.dtype) * lsq
-        return grad_w, grad_s, grad_z, None, None, None, None
+        return grad_w, grad_s, grad_z, None, None, None, None, None
 
 
 class FakeQuantLinear(nn.Module):
@@ -238,8 +239,10 @@ class FakeQuantLinear(nn.Module):
             return QParams(self.scale, zero)
         return QParams(self.scale, self.zero)
 
-    def quantized_weight(self) -> torch.Tensor:
-        """W_hat (out, in) with the STE attached (what forward multiplies by)."""
+    def quantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W_hat (out, in) with the STE attached (what forward multiplies by); `dtype`
+        bfloat16 asks for it rounded to bfloat16, which the fused kernels make in the same pass
+        (the eager path gives float32, which autocast then casts)."""
         if self._w_hat is not None and not torch.is_grad_enabled():
             return self._w_hat
         p = self.qparams()
@@ -247,10 +250,14 @@ class FakeQuantLinear(nn.Module):
         clipped = self.clipped_ste and (self.clip_dynamic or self.scale_mode != "dynamic")
         zero = self.zero if self.learn_zero else p.zero  # the STE rounds a learned one
         return _FakeQuantSTE.apply(linear_weight(self.linear), p.scale, zero, self.spec,
-                                   clipped, self.scale_mode == "learned", self.learn_zero)
+                                   clipped, self.scale_mode == "learned", self.learn_zero, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.quantized_weight(), self.linear.bias)
+        # under bfloat16 autocast the product runs in bfloat16: W_hat can come rounded already
+        kind = x.device.type
+        low = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
+        w_hat = self.quantized_weight(torch.bfloat16 if low else torch.float32)
+        return nn.functional.linear(x, w_hat, self.linear.bias)
 
     @torch.no_grad()
     def quantize(self) -> QuantizedTensor:

@@ -46,23 +46,50 @@ def usable(weight: torch.Tensor, spec: QuantSpec) -> bool:
             and weight.dtype == torch.float32 and weight.is_contiguous())
 
 
+_CHUNK = 64  # blocks per parallel task; each task owns its scratch rows
+
 if numba is not None:
+    @numba.njit(inline="always", cache=True)
+    def _w_hat(x, sb, zb, qmin, qmax, has_zero):
+        """One element of W_hat, float32: ptq.formats' integer grid, operation for operation."""
+        q = np.rint(x / sb)
+        if has_zero:
+            q = q + zb
+        if q < qmin:  # NaN stays NaN, as in torch.clamp
+            q = qmin
+        elif q > qmax:
+            q = qmax
+        if has_zero:
+            q = q - zb
+        return q * sb
+
+    @numba.njit(inline="always", cache=True)
+    def _to_bf16(u):
+        """Bit pattern of the bfloat16 nearest to the float32 with bits u (ties to even, as
+        PyTorch rounds; a NaN stays a NaN, 0x7FC0)."""
+        if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+            return np.int16(0x7FC0)
+        bias = ((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
+        return np.int16(np.uint16((u + bias) >> np.uint32(16)))
+
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _forward(w, s, z, qmin, qmax, has_zero, out):
-        """w, out (B, G) float32; s, z (B,) float32: one row per block."""
-        for b in numba.prange(w.shape[0]):
-            sb, zb = s[b], z[b]
-            for j in range(w.shape[1]):
-                q = np.rint(w[b, j] / sb)
-                if has_zero:
-                    q = q + zb
-                if q < qmin:  # NaN stays NaN, as in torch.clamp
-                    q = qmin
-                elif q > qmax:
-                    q = qmax
-                if has_zero:
-                    q = q - zb
-                out[b, j] = q * sb
+    def _forward(w, s, z, qmin, qmax, has_zero, out, out_bf16):
+        """w (B, G) float32; s, z (B,) float32: one row per block. W_hat goes to out (B, G)
+        float32, or, when out_bf16 is true, rounded to bfloat16 into out (B, G) int16."""
+        n_blocks, size = w.shape
+        for c in numba.prange((n_blocks + _CHUNK - 1) // _CHUNK):
+            row = np.empty(size, dtype=np.float32)
+            bits = row.view(np.uint32)
+            for b in range(c * _CHUNK, min((c + 1) * _CHUNK, n_blocks)):
+                sb, zb = s[b], z[b]
+                if out_bf16:
+                    for j in range(size):
+                        row[j] = _w_hat(w[b, j], sb, zb, qmin, qmax, has_zero)
+                    for j in range(size):
+                        out[b, j] = _to_bf16(bits[j])
+                else:
+                    for j in range(size):
+                        out[b, j] = _w_hat(w[b, j], sb, zb, qmin, qmax, has_zero)
 
     @numba.njit(fastmath={"reassoc"}, cache=True, nogil=True)
     def _sum(buf):
@@ -72,41 +99,39 @@ if numba is not None:
             acc += v
         return acc
 
-    _CHUNK = 64  # blocks per parallel task; each task owns two scratch rows
-
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _backward(g, w, s, z, qmin, qmax, has_zero, clipped, lsq, learn_zero, grad_w,
+    def _backward(g, g_bf16, w, s, z, qmin, qmax, has_zero, clipped, lsq, learn_zero, grad_w,
                   sum_s, sum_z):
-        """g, w, grad_w (B, G) float32; s, z (B,) float32; sum_s, sum_z (B,) float64 written."""
+        """g (B, G): float32, or (g_bf16) bfloat16 bit patterns as int16; w, grad_w (B, G)
+        float32; s, z (B,) float32; sum_s, sum_z (B,) float64 written."""
         n_blocks, size = w.shape
         for c in numba.prange((n_blocks + _CHUNK - 1) // _CHUNK):
             d_s = np.zeros(size, dtype=np.float32)  # per element: g w_hat - g_in w
             d_z = np.zeros(size, dtype=np.float32)  # per element: g - g_in
+            g_row = np.empty(size, dtype=np.float32)
+            g_bits = g_row.view(np.uint32)
             for b in range(c * _CHUNK, min((c + 1) * _CHUNK, n_blocks)):
                 sb, zb = s[b], z[b]
                 lo, hi = (qmin - zb) * sb, (qmax - zb) * sb
+                if g_bf16:  # exact: a bfloat16 is the top half of a float32
+                    for j in range(size):
+                        g_bits[j] = np.uint32(np.uint16(g[b, j])) << np.uint32(16)
+                else:
+                    for j in range(size):
+                        g_row[j] = g[b, j]
                 for j in range(size):
-                    x, gj = w[b, j], g[b, j]
+                    x, gj = w[b, j], g_row[j]
                     g_in = gj if x >= lo and x <= hi else np.float32(0.0)
                     grad_w[b, j] = g_in if clipped else gj
                     if lsq:
-                        q = np.rint(x / sb)
-                        if has_zero:
-                            q = q + zb
-                        if q < qmin:
-                            q = qmin
-                        elif q > qmax:
-                            q = qmax
-                        if has_zero:
-                            q = q - zb
-                        d_s[j] = gj * (q * sb) - g_in * x
+                        d_s[j] = gj * _w_hat(x, sb, zb, qmin, qmax, has_zero) - g_in * x
                         d_z[j] = gj - g_in
                 sum_s[b] = _sum(d_s) if lsq else 0.0
                 sum_z[b] = _sum(d_z) if learn_zero else 0.0
 
 
 def _rows(t: torch.Tensor, n_blocks: int) -> np.ndarray:
-    """A float32 tensor viewed as (n_blocks, block) numpy, sharing memory."""
+    """A tensor viewed as (n_blocks, block) numpy, sharing memory."""
     return t.detach().reshape(n_blocks, -1).numpy()
 
 
@@ -117,31 +142,35 @@ def _params(p: QParams) -> tuple[np.ndarray, np.ndarray, bool]:
     return s, p.zero.detach().reshape(-1).to(torch.float32).contiguous().numpy(), True
 
 
-def fake_quantize(weight: torch.Tensor, p: QParams, spec: QuantSpec) -> torch.Tensor:
+def fake_quantize(weight: torch.Tensor, p: QParams, spec: QuantSpec,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W_hat of `weight` (out, in) with scales p (rows, n_blocks); equals
-    ptq.formats.fake_quantize_with(weight, p, spec) bit for bit."""
+    ptq.formats.fake_quantize_with(weight, p, spec) bit for bit, and with dtype bfloat16 its
+    cast to bfloat16 (what autocast multiplies by), made in the same pass."""
     s, z, has_zero = _params(p)
-    out = torch.empty_like(weight)
+    out = torch.empty(weight.shape, dtype=dtype)
+    bits = out.view(torch.int16) if dtype == torch.bfloat16 else out
     _forward(_rows(weight, s.size), s, z, np.float32(spec.qmin), np.float32(spec.qmax),
-             has_zero, _rows(out, s.size))
+             has_zero, _rows(bits, s.size), dtype == torch.bfloat16)
     return out
 
 
 def ste_backward(grad: torch.Tensor, weight: torch.Tensor, p: QParams, spec: QuantSpec,
                  clipped: bool, lsq: bool, learn_zero: bool
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """dL/dW, and with `lsq` the per-block sums sum(g W_hat - g_in W) and (learn_zero)
-    sum(g - g_in), shaped like the scales (float64); see the module docstring."""
+    """dL/dW (float32; grad may be float32 or bfloat16), and with `lsq` the per-block sums
+    sum(g W_hat - g_in W) and (learn_zero) sum(g - g_in), shaped like the scales (float64); see
+    the module docstring."""
     s, z, has_zero = _params(p)
-    grad = grad.to(torch.float32).contiguous()
+    g_bf16 = grad.dtype == torch.bfloat16
+    grad = grad.contiguous() if g_bf16 else grad.to(torch.float32).contiguous()
     grad_w = torch.empty_like(weight)
     sum_s = np.empty(s.size, dtype=np.float64)
     sum_z = np.empty(s.size, dtype=np.float64)
-    _backward(_rows(grad, s.size), _rows(weight, s.size), s, z, np.float32(spec.qmin),
-              np.float32(spec.qmax), has_zero, clipped, lsq, learn_zero,
-              _rows(grad_w, s.size), sum_s, sum_z)
+    _backward(_rows(grad.view(torch.int16) if g_bf16 else grad, s.size), g_bf16,
+              _rows(weight, s.size), s, z, np.float32(spec.qmin), np.float32(spec.qmax),
+              has_zero, clipped, lsq, learn_zero, _rows(grad_w, s.size), sum_s, sum_z)
     shape = p.scale.shape
     as_tensor = (lambda a: torch.from_numpy(a).reshape(shape))
     return (grad_w, as_tensor(sum_s) if lsq else None,
             as_tensor(sum_z) if lsq and learn_zero else None)
-

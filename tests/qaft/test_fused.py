@@ -32,10 +32,30 @@ def test_forward_equals_the_ptq_round_trip_bit_for_bit(spec):
     got = fused.fake_quantize(w, p, s)
     want = ptq.formats.fake_quantize_with(w, p, s)
     assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+    low = fused.fake_quantize(w, p, s, torch.bfloat16)  # rounded as a cast rounds
+    assert low.dtype == torch.bfloat16
+    assert torch.equal(low.view(torch.int16), want.to(torch.bfloat16).view(torch.int16))
 
 
-def _step(spec, scale_mode, clipped, learn_zero, eager, monkeypatch):
-    """One forward/backward of a FakeQuantLinear; its input and parameter gradients."""
+def test_bfloat16_rounding_matches_torch_on_ties_extremes_and_nan():
+    """W_hat values are q * s; these scales put products on bfloat16 ties, near the largest
+    float32 and at NaN, where a rounding written by hand goes wrong first."""
+    s = parse_spec("int8-sym-ch")
+    w = torch.tensor([[1.0, -3.0, 127.0, -128.0, 5.0, 0.0]]).repeat(4, 1)
+    scales = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 2.6e36, float("nan")])
+    p = ptq.formats.QParams(scales[:, None])
+    w = w * scales[:, None]
+    want = ptq.formats.fake_quantize_with(w, p, s).to(torch.bfloat16)
+    got = fused.fake_quantize(w, p, s, torch.bfloat16)
+    nan = want.isnan()
+    assert nan[3].all() and torch.equal(got.isnan(), nan)  # NaN payloads may differ
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+def _step(spec, scale_mode, clipped, learn_zero, eager, monkeypatch, autocast=False):
+    """One forward/backward of a FakeQuantLinear (optionally under bfloat16 autocast, where
+    the fused path makes W_hat in bfloat16 and the eager one lets autocast cast it); its output
+    and its input and parameter gradients."""
     if eager:
         monkeypatch.setattr(fused, "usable", lambda *a: False)
     torch.manual_seed(0)
@@ -48,7 +68,8 @@ def _step(spec, scale_mode, clipped, learn_zero, eager, monkeypatch):
         with torch.no_grad():
             fq.scale.mul_(0.7)
     x = torch.randn(16, 128, requires_grad=True)
-    y = fq(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = fq(x)
     (y * torch.randn_like(y)).sum().backward()
     grads = {"y": y.detach(), "x": x.grad, "w": lin.weight.grad}
     if scale_mode == "learned":
@@ -59,15 +80,16 @@ def _step(spec, scale_mode, clipped, learn_zero, eager, monkeypatch):
     return grads
 
 
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("spec,scale_mode,clipped,learn_zero", [
     ("int3-g64", "dynamic", True, False), ("int2-g16", "fixed", True, False),
     ("int4-sym-g32", "learned", True, False), ("int3-g64", "learned", False, False),
     ("int2-g16", "learned", True, True), ("int3-ch", "learned", True, True),
     ("int4-sym-ch", "fixed", False, False)])
 def test_fused_ste_gradients_equal_the_eager_ones(spec, scale_mode, clipped, learn_zero,
-                                                  monkeypatch):
-    got = _step(spec, scale_mode, clipped, learn_zero, False, monkeypatch)
-    want = _step(spec, scale_mode, clipped, learn_zero, True, monkeypatch)
+                                                  autocast, monkeypatch):
+    got = _step(spec, scale_mode, clipped, learn_zero, False, monkeypatch, autocast)
+    want = _step(spec, scale_mode, clipped, learn_zero, True, monkeypatch, autocast)
     for k in ("y", "x", "w"):
         assert torch.equal(got[k], want[k]), k
     if clipped:
