@@ -119,6 +119,7 @@ class _FakeQuantSTE(torch.autograd.Function):
             zero = torch.round(zero).clamp(spec.qmin, spec.qmax)
         p = QParams(scale, zero)
         ctx.spec, ctx.clipped, ctx.lsq, ctx.learn_zero = spec, clipped, lsq, learn_zero
+        ctx.weight_dtype = weight.dtype  # W_hat may come in another (out_dtype)
         ctx.fused = fused.usable(weight, spec)
         if ctx.fused:  # its backward recomputes the mask and W_hat from W
             ctx.save_for_backward(weight, scale, zero)
@@ -131,7 +132,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if not (ctx.clipped or ctx.lsq):  # the plain STE
-            return grad.to(torch.float32), None, None, None, None, None, None, None
+            return grad.to(ctx.weight_dtype), None, None, None, None, None, None, None
         if ctx.fused:
             weight, scale, zero = ctx.saved_tensors
             grad_w, sum_s, sum_z = fused.ste_backward(grad, weight, QParams(scale, zero),

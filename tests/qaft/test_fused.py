@@ -105,3 +105,15 @@ def test_other_dtypes_layouts_and_grids_keep_the_eager_path():
     assert not fused.usable(w.bfloat16(), parse_spec("int3-g64"))
     assert not fused.usable(w.T, parse_spec("int3-g64"))  # GPT-2's Conv1D weight is transposed
     assert not fused.usable(w, parse_spec("e2m1-g16"))
+
+
+def test_the_plain_ste_gives_each_weight_a_gradient_of_its_own_dtype():
+    """A bfloat16 model's weights get bfloat16 gradients, float32 weights float32 ones, also
+    when the fused path hands a float32 weight's W_hat over in bfloat16 under autocast."""
+    for dtype, autocast in ((torch.bfloat16, False), (torch.float32, True)):
+        lin = nn.Linear(64, 8).to(dtype)
+        fq = FakeQuantLinear(lin, "int3-g16", clipped_ste=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fq(torch.randn(4, 64).to(dtype))
+        y.float().sum().backward()
+        assert lin.weight.grad.dtype == dtype and lin.weight.grad.abs().sum() > 0
