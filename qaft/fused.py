@@ -135,6 +135,12 @@ def _rows(t: torch.Tensor, n_blocks: int) -> np.ndarray:
     return t.detach().reshape(n_blocks, -1).numpy()
 
 
+def _match_torch_threads() -> None:
+    """Run the kernels on as many threads as PyTorch's own ops (numba would take every core, too
+    many when several processes share a machine, as under accelerate launch)."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
 def _params(p: QParams) -> tuple[np.ndarray, np.ndarray, bool]:
     s = p.scale.detach().reshape(-1).to(torch.float32).contiguous().numpy()
     if p.zero is None:
@@ -147,6 +153,7 @@ def fake_quantize(weight: torch.Tensor, p: QParams, spec: QuantSpec,
     """W_hat of `weight` (out, in) with scales p (rows, n_blocks); equals
     ptq.formats.fake_quantize_with(weight, p, spec) bit for bit, and with dtype bfloat16 its
     cast to bfloat16 (what autocast multiplies by), made in the same pass."""
+    _match_torch_threads()
     s, z, has_zero = _params(p)
     out = torch.empty(weight.shape, dtype=dtype)
     bits = out.view(torch.int16) if dtype == torch.bfloat16 else out
@@ -161,6 +168,7 @@ def ste_backward(grad: torch.Tensor, weight: torch.Tensor, p: QParams, spec: Qua
     """dL/dW (float32; grad may be float32 or bfloat16), and with `lsq` the per-block sums
     sum(g W_hat - g_in W) and (learn_zero) sum(g - g_in), shaped like the scales (float64); see
     the module docstring."""
+    _match_torch_threads()
     s, z, has_zero = _params(p)
     g_bf16 = grad.dtype == torch.bfloat16
     grad = grad.contiguous() if g_bf16 else grad.to(torch.float32).contiguous()

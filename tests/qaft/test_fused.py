@@ -117,3 +117,19 @@ def test_the_plain_ste_gives_each_weight_a_gradient_of_its_own_dtype():
             y = fq(torch.randn(4, 64).to(dtype))
         y.float().sum().backward()
         assert lin.weight.grad.dtype == dtype and lin.weight.grad.abs().sum() > 0
+
+
+def test_the_kernels_use_as_many_threads_as_torch():
+    import numba
+
+    w = _weight()
+    p = compute_qparams(w, "int3-g64")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        fused.fake_quantize(w, p, parse_spec("int3-g64"))
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    fused.fake_quantize(w, p, parse_spec("int3-g64"))
+    assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
