@@ -48,8 +48,20 @@ def usable(weight: torch.Tensor, spec: QuantSpec) -> bool:
 
 _CHUNK = 64  # blocks per parallel task; each task owns its scratch rows
 
+
+def _njit(**options):
+    """numba.njit, cached on disk where numba finds a writable place for its cache (next to this
+    file, or the user's cache folder); elsewhere each process compiles again."""
+    def wrap(fn):
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(**options)(fn)
+    return wrap
+
+
 if numba is not None:
-    @numba.njit(inline="always", cache=True)
+    @_njit(inline="always")
     def _w_hat(x, sb, zb, qmin, qmax, has_zero):
         """One element of W_hat, float32: ptq.formats' integer grid, operation for operation."""
         q = np.rint(x / sb)
@@ -63,7 +75,7 @@ if numba is not None:
             q = q - zb
         return q * sb
 
-    @numba.njit(inline="always", cache=True)
+    @_njit(inline="always")
     def _to_bf16(u):
         """Bit pattern of the bfloat16 nearest to the float32 with bits u (ties to even, as
         PyTorch rounds; a NaN stays a NaN, 0x7FC0)."""
@@ -72,7 +84,7 @@ if numba is not None:
         bias = ((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
         return np.int16(np.uint16((u + bias) >> np.uint32(16)))
 
-    @numba.njit(parallel=True, cache=True, nogil=True)
+    @_njit(parallel=True, nogil=True)
     def _forward(w, s, z, qmin, qmax, has_zero, out, out_bf16):
         """w (B, G) float32; s, z (B,) float32: one row per block. W_hat goes to out (B, G)
         float32, or, when out_bf16 is true, rounded to bfloat16 into out (B, G) int16."""
@@ -91,7 +103,7 @@ if numba is not None:
                     for j in range(size):
                         out[b, j] = _w_hat(w[b, j], sb, zb, qmin, qmax, has_zero)
 
-    @numba.njit(fastmath={"reassoc"}, cache=True, nogil=True)
+    @_njit(fastmath={"reassoc"}, nogil=True)
     def _sum(buf):
         """Sum of a float32 row in float64, in any order (so that it vectorizes)."""
         acc = 0.0
@@ -99,7 +111,7 @@ if numba is not None:
             acc += v
         return acc
 
-    @numba.njit(parallel=True, cache=True, nogil=True)
+    @_njit(parallel=True, nogil=True)
     def _backward(g, g_bf16, w, s, z, qmin, qmax, has_zero, clipped, lsq, learn_zero, grad_w,
                   sum_s, sum_z):
         """g (B, G): float32, or (g_bf16) bfloat16 bit patterns as int16; w, grad_w (B, G)

@@ -133,3 +133,25 @@ def test_the_kernels_use_as_many_threads_as_torch():
         torch.set_num_threads(before)
     fused.fake_quantize(w, p, parse_spec("int3-g64"))
     assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
+
+
+def test_the_kernels_compile_without_a_writable_cache_folder():
+    """Where numba finds no place for its on-disk cache (a read-only install, no writable home),
+    importing the kernels must not fail; they compile in the process instead."""
+    import subprocess
+    import sys
+
+    probe = """
+import numba.core.caching as c
+for cls in c.CacheImpl._locator_classes:  # every cache location refuses
+    cls.from_function = classmethod(lambda cls, f, p: None)
+import torch
+from ptq.formats import compute_qparams, fake_quantize_with, parse_spec
+from qaft import fused
+w, s = torch.randn(8, 64), parse_spec("int3-g64")
+p = compute_qparams(w, s)
+print(torch.equal(fused.fake_quantize(w, p, s), fake_quantize_with(w, p, s)))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "True"
