@@ -2,21 +2,22 @@
 
 The eager STE (`qaft.fake_quant`) makes W_hat = (clamp(round(W/s) + z, qmin, qmax) - z) * s in
 six weight-sized passes, the clipping mask lo <= W <= hi in three more, and its backward in two
-to five; each pass over SmolLM2-135M's 106M linear weights costs about 30 ms on the development
-machine, so the fake quantization took 0.45 s of a 0.9 s training step. These kernels run the
-same float32 arithmetic per element, in the same order, in one pass forward (W -> W_hat) and one
-backward (W, dL/dW_hat -> dL/dW and the per-block sums of the scale's and zero point's
-gradients, with the mask recomputed from W instead of stored):
-  forward   q = rint(w / s) [+ z]; q clamped to [qmin, qmax]; w_hat = (q [- z]) * s
+to five, each over all of the model's linear weights; that made a fake-quant training step of
+SmolLM2-135M cost 1.57x an FP step under bfloat16 autocast. These kernels run the same float32
+arithmetic per element, in the same order, in one pass forward (W -> W_hat) and one backward
+(W, dL/dW_hat -> dL/dW and the per-block sums of the scale's and zero point's gradients, with
+the mask recomputed from W instead of stored), and the step costs 1.20x (benchmarks/README.md):
+  forward   q = rint(w / s) [+ z]; q clamped to [qmin, qmax]; w_hat = (q [- z]) * s, written as
+            float32 or, under bfloat16 autocast, rounded to bfloat16 as the cast would round it
   backward  inside = (qmin - z) s <= w <= (qmax - z) s;  dL/dW = dL/dW_hat where inside, else 0
             (or everywhere, unclipped); per block sum(g w_hat - g_in w) and sum(g - g_in),
-            g_in = g where inside (qaft.fake_quant gives the formulas)
+            g_in = g where inside (qaft.fake_quant gives the formulas); g float32 or bfloat16
 So W_hat and dL/dW equal the eager path's bit for bit (tested); the per-element terms of the
 block sums are the eager path's float32 values, summed in float64 in another order.
 
 Taken for float32 CPU weights on integer grids when numba is installed (a core dependency);
 float (ExMy) grids, other dtypes and devices keep the eager path. The first call compiles the
-kernels (a few seconds, then cached on disk by numba).
+kernels (a few seconds, then cached on disk by numba where it can write).
 """
 
 from __future__ import annotations
