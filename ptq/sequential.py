@@ -22,9 +22,9 @@ one batch at a time. After each block the memory it freed is handed back to the 
 (`ptq.allocator.release_freed_memory`). The statistics do not follow the model's dtype: each
 batch's X^T X has float32 products and sums (`ptq.hessian.gram`; bfloat16 inputs on a CPU
 take oneDNN's exact bf16 path), summed over batches in float64 (`HessianAccumulator`), and a
-method receives W upcast to float32 from a 16-bit model (scales and the GPTQ solve stay float32/float64); its
-result is written back rounded to the model's dtype, and the record's losses are those of the
-weight the model then holds.
+method receives W upcast to float32 from a 16-bit model (scales and the GPTQ solve stay
+float32/float64); its result is written back rounded to the model's dtype, and the record's
+losses are those of the weight the model then holds.
 The relative output error of each layer on its calibration inputs, ||X dW^T||^2 / ||X W^T||^2,
 is exactly tr(dW H dW^T) / tr(W H W^T), so it comes from H without storing X.
 """

@@ -240,10 +240,10 @@ class FakeQuantLinear(nn.Module):
             return QParams(self.scale, zero)
         return QParams(self.scale, self.zero)
 
-    def quantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """W_hat (out, in) with the STE attached (what forward multiplies by); `dtype`
-        bfloat16 asks for it rounded to bfloat16, which the fused kernels make in the same pass
-        (the eager path gives float32, which autocast then casts)."""
+    def quantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W_hat (out, in) with the STE attached (what forward multiplies by), in the weight's
+        dtype; `dtype` bfloat16 asks for it rounded to bfloat16, which the fused kernels make in
+        the same pass (the eager path gives the weight's dtype, which autocast then casts)."""
         if self._w_hat is not None and not torch.is_grad_enabled():
             return self._w_hat
         p = self.qparams()
@@ -257,7 +257,7 @@ class FakeQuantLinear(nn.Module):
         # under bfloat16 autocast the product runs in bfloat16: W_hat can come rounded already
         kind = x.device.type
         low = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
-        w_hat = self.quantized_weight(torch.bfloat16 if low else torch.float32)
+        w_hat = self.quantized_weight(torch.bfloat16 if low else None)
         return nn.functional.linear(x, w_hat, self.linear.bias)
 
     @torch.no_grad()

@@ -162,11 +162,12 @@ def _params(p: QParams) -> tuple[np.ndarray, np.ndarray, bool]:
 
 
 def fake_quantize(weight: torch.Tensor, p: QParams, spec: QuantSpec,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """W_hat of `weight` (out, in) with scales p (rows, n_blocks); equals
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W_hat of `weight` (out, in, float32) with scales p (rows, n_blocks); equals
     ptq.formats.fake_quantize_with(weight, p, spec) bit for bit, and with dtype bfloat16 its
     cast to bfloat16 (what autocast multiplies by), made in the same pass."""
     _match_torch_threads()
+    dtype = dtype or torch.float32
     s, z, has_zero = _params(p)
     out = torch.empty(weight.shape, dtype=dtype)
     bits = out.view(torch.int16) if dtype == torch.bfloat16 else out
