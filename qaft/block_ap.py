@@ -37,7 +37,7 @@ from ptq.errors import OptionsError
 from ptq.layers import linear_weight
 
 from .fake_quant import FakeQuantLinear, _swap
-from .train import fused_adam
+from .train_parts import fused_adam
 
 __all__ = ["BlockAPOptions", "BLOCK_AP_SEARCH_SPACE", "block_ap", "slice_batch"]
 

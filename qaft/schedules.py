@@ -18,14 +18,10 @@ same warmup. Its factors at steps < s equal the parent's, which `qaft.train` che
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .train import TrainConfig
+from .train_config import SCHEDULES, TrainConfig  # SCHEDULES: the names TrainConfig accepts
 
 __all__ = ["SCHEDULES", "lr_factor", "first_lr_difference"]
-
-SCHEDULES = ("constant", "cosine", "wsd")
 
 
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
@@ -47,8 +43,8 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return lo + (1 - lo) * (1 - (step - start + 1) / decay_steps)
 
 
-def first_lr_difference(parent: TrainConfig, parent_total: int, child: TrainConfig, child_total: int,
-                    steps: int) -> int | None:
+def first_lr_difference(parent: TrainConfig, parent_total: int, child: TrainConfig,
+                        child_total: int, steps: int) -> int | None:
     """The first step < `steps` where the two schedules' learning rates differ, or None when
     they agree on all of them (a branch at step `steps` then continues the parent exactly)."""
     for step in range(steps):

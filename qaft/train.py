@@ -37,6 +37,10 @@ The loss is the next-token NLL of the blocks, or with loss "kd" the KL divergenc
 the trainable state at the best value is kept (a CPU copy) and restored at the end
 (`restore_best`), and after `patience` validations without improvement the run stops early. The
 best state and its step are part of the checkpoints, so a resumed run keeps them.
+
+This file holds the loop; its options and result (`TrainConfig`, `TrainResult`) are in
+`qaft.train_config`, and the AdamW groups, the step budget and the other pieces it builds before
+the first step in `qaft.train_parts`. All of them can still be imported from here.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -60,254 +64,16 @@ from .checkpoints import (checkpoint_meta, latest_checkpoint, load_checkpoint, r
                           save_checkpoint, set_rng_state)
 from .continuation import check_branch, check_resume
 from .data import DataSource, TokenBlocks
-from .distill import LOSSES, causal_nll, kd_loss
-from .fake_quant import FakeQuantLinear, fake_quant_layers
-from .schedules import SCHEDULES, lr_factor
+from .distill import causal_nll, kd_loss
+from .fake_quant import fake_quant_layers
+from .schedules import lr_factor
+from .train_config import SCHEDULES, TrainConfig, TrainResult
+from .train_parts import (_check_extras, _fresh_accelerator_state, _load_trainable_state,
+                          _local_references, _total_steps, _trainable_state, fused_adam,
+                          param_groups)
 
 __all__ = ["TrainConfig", "TrainResult", "finetune", "fused_adam", "lr_factor", "param_groups",
            "SCHEDULES", "DataSource", "TokenBlocks"]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate of AdamW"})
-    epochs: int = field(default=1, metadata={
-        "help": "passes over the token blocks; the budget unless max_steps or max_tokens is set "
-                "(then leave it at 1)"})
-    max_steps: int = field(default=0, metadata={
-        "help": "budget in optimizer steps, cycling over the data as needed (0: use epochs)"})
-    max_tokens: int = field(default=0, metadata={
-        "help": "budget in tokens over all processes, rounded down to whole optimizer steps "
-                "(0: use epochs)"})
-    batch_size: int = field(default=1, metadata={"help": "blocks per process per micro-step"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
-    schedule: str = field(default="constant", metadata={"help": "constant, cosine or wsd"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warmup optimizer steps"})
-    decay_fraction: float = field(default=0.2, metadata={
-        "help": "wsd: fraction of steps in the final linear decay"})
-    decay_steps: int = field(default=0, metadata={
-        "help": "wsd: steps of the final linear decay, instead of decay_fraction (0: use "
-                "decay_fraction); a cooldown branch sets it"})
-    min_lr_ratio: float = field(default=0.0, metadata={
-        "help": "cosine/wsd: final learning rate as a fraction of the peak"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    decay_all_params: bool = field(default=False, metadata={
-        "help": "apply weight decay to biases, norms, embeddings and LSQ scales too"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
-    mixed_precision: str = field(default="no", metadata={
-        "help": "no, bf16 or fp16 autocast (fp16 with a gradient scaler; on a CPU fp16 matmuls "
-                "run an order of magnitude slower than bf16)"})
-    seed: int = field(default=0, metadata={"help": "seed of the data order"})
-    local_every: int = field(default=0, metadata={
-        "help": "record each layer's local loss every k steps (0: never)"})
-    eval_every: int = field(default=0, metadata={
-        "help": "run eval_fn every k steps (0: never)"})
-    checkpoint_every: int = field(default=0, metadata={
-        "help": "write a checkpoint to checkpoint_dir every k optimizer steps and at the end "
-                "(0: only at the end)"})
-    keep_checkpoints: int = field(default=1, metadata={
-        "help": "how many of the latest checkpoints to keep"})
-    loss: str = field(default="nll", metadata={
-        "help": "nll (next-token NLL of the blocks) or kd (KL from the frozen FP model's "
-                "next-token distributions on the same blocks; QAFT and LoRA keep a copy of the FP "
-                "model as teacher: one more copy of the weights in memory)"})
-    validate_every: int = field(default=0, metadata={
-        "help": "run validate_fn at step 0, every k optimizer steps and at the last step, and "
-                "keep the state of the best validation NLL (0: never)"})
-    patience: int = field(default=0, metadata={
-        "help": "stop after this many validations without improvement (0: never stop early; "
-                "the best state is kept all the same)"})
-    restore_best: bool = field(default=True, metadata={
-        "help": "with validate_every: end with the state of the best validation (false: the "
-                "last state; the best is recorded either way)"})
-
-    def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise OptionsError(f"schedule={self.schedule!r}: use one of {SCHEDULES}")
-        if self.loss not in LOSSES:
-            raise OptionsError(f"loss={self.loss!r}: use one of {', '.join(LOSSES)}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise OptionsError(f"mixed_precision={self.mixed_precision!r}: use no, bf16 or fp16")
-        for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise OptionsError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("max_steps", "max_tokens", "warmup_steps", "decay_steps", "local_every",
-                     "eval_every",
-                     "checkpoint_every", "validate_every", "patience"):
-            if getattr(self, name) < 0:
-                raise OptionsError(f"{name}={getattr(self, name)} must be >= 0 (0: "
-                                   f"{'none' if name == 'warmup_steps' else 'off'})")
-        budgets = [f"{n}={getattr(self, n)}" for n in ("max_steps", "max_tokens")
-                   if getattr(self, n)]
-        if self.epochs != 1:
-            budgets.insert(0, f"epochs={self.epochs}")
-        if len(budgets) > 1:
-            raise OptionsError(f"{' and '.join(budgets)} each set the training budget; set one: "
-                               "epochs, or max_steps, or max_tokens (leave max_steps and "
-                               "max_tokens at 0 and epochs at 1 when unused)")
-        # `not x > 0` also refuses NaN, which compares false with everything
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise OptionsError(f"lr={self.lr} must be positive and finite, e.g. 1e-5")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise OptionsError(f"weight_decay={self.weight_decay} must be >= 0 and finite "
-                               "(0: no decay)")
-        if not self.grad_clip >= 0:
-            raise OptionsError(f"grad_clip={self.grad_clip} must be >= 0 (0 turns clipping off)")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise OptionsError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
-        if not 0 < self.decay_fraction <= 1:
-            raise OptionsError(f"decay_fraction={self.decay_fraction} must lie in (0, 1]")
-        if self.patience and not self.validate_every:
-            raise OptionsError(f"patience={self.patience} counts validations, and "
-                               "validate_every=0 runs none; set validate_every (and pass "
-                               "validate_fn), or leave patience at 0")
-
-
-@dataclass
-class TrainResult:
-    history: list[dict]
-    config: dict
-    steps: int
-    tokens_processed: int
-    unique_tokens: int
-    seconds: float  # wall time of the whole run, summed over its resumed parts
-    world_size: int = 1
-    resumed_from: int = 0  # the optimizer step a resumed or branched run started at
-    # with validate_every: the step (0: before training) and value of the best validation, and
-    # whether patience ran out before the budget did
-    best_step: int | None = None
-    best_val_nll: float | None = None
-    stopped_early: bool = False
-
-
-def fused_adam(params) -> bool | None:
-    """True where every parameter lies on a device with PyTorch's fused Adam/AdamW kernel (CPU,
-    CUDA): one pass over each parameter instead of a dozen, 0.09 s against 0.28-0.31 s per
-    step for SmolLM2-135M on the 2-core CPU (benchmarks/qaft_step.py); the values agree with the
-    default implementation to float32 rounding. None (the default) elsewhere."""
-    return True if all(p.device.type in ("cpu", "cuda") for p in params) else None
-
-
-def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
-    """AdamW parameter groups: weight decay on weight matrices only.
-
-    Biases and normalization gains (ndim < 2), embeddings (every nn.Embedding's parameters, so a
-    tied lm_head too) and LSQ scales and zero points get none: decay pulls them toward 0, which
-    changes what the layer computes (a norm gain or a quantization step of 0) instead of
-    regularizing it. With
-    config.decay_all_params every trainable parameter is decayed, in one group.
-    """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if config.decay_all_params:
-        return [{"params": trainable, "weight_decay": config.weight_decay}]
-    exempt = set()
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            exempt.update(id(p) for p in module.parameters(recurse=False))
-        if isinstance(module, FakeQuantLinear):
-            exempt.update(id(t) for t in (module.scale, module.zero)
-                          if isinstance(t, nn.Parameter))
-    decay = [p for p in trainable if p.ndim >= 2 and id(p) not in exempt]
-    no_decay = [p for p in trainable if p.ndim < 2 or id(p) in exempt]
-    return [g for g in ({"params": decay, "weight_decay": config.weight_decay},
-                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-
-
-def _total_steps(config: TrainConfig, source: DataSource, per_step: int) -> int:
-    """Optimizer steps of the budget; per_step = blocks per micro-step over all processes."""
-    if source.num_blocks is not None and source.num_blocks < per_step:
-        raise OptionsError(f"{source.num_blocks} blocks cannot fill one global batch of "
-                           f"{per_step} (batch_size {config.batch_size} x "
-                           f"{per_step // config.batch_size} processes); lower batch_size or "
-                           "give more blocks")
-    if config.max_steps:
-        return config.max_steps
-    if config.max_tokens:
-        step_tokens = per_step * config.grad_accum * source.seq_len
-        if config.max_tokens < step_tokens:
-            raise OptionsError(f"max_tokens={config.max_tokens} is less than one optimizer step "
-                               f"of {step_tokens} tokens; raise it or lower batch_size/grad_accum")
-        return config.max_tokens // step_tokens  # never past the budget
-    if source.num_blocks is None:
-        raise OptionsError("a data source of unknown length (num_blocks None) cannot count "
-                           "epochs; set max_steps or max_tokens")
-    micro_per_epoch = source.num_blocks // per_step  # the source drops the incomplete batch
-    total = (micro_per_epoch * config.epochs) // config.grad_accum
-    if total < 1:
-        raise OptionsError(f"{config.epochs} epoch(s) of {micro_per_epoch} micro-steps give no "
-                           f"optimizer step with grad_accum={config.grad_accum}")
-    return total
-
-
-def _local_references(model: nn.Module, local_inputs, local_reference) -> dict[str, torch.Tensor]:
-    """{name: FP weight (out, in)} of the fake-quantized layers that have held-out inputs."""
-    if not local_inputs:
-        return {}
-    if local_reference is None:
-        raise OptionsError("local_inputs needs local_reference={layer name: FP weight (out, in)}: "
-                           "the local loss is measured against the FP weight; copy the weights "
-                           "before qaft.prepare (a GPTQ init overwrites them)")
-    layers = fake_quant_layers(model)
-    refs = {}
-    for name in (n for n in local_inputs if n in layers):
-        if name not in local_reference:
-            raise OptionsError(f"local_reference has no FP weight for {name}; give one for every "
-                               "fake-quantized layer in local_inputs")
-        with torch.no_grad():
-            shape = layers[name].quantized_weight().shape
-        if local_reference[name].shape != shape:
-            raise OptionsError(f"local_reference[{name!r}] is {tuple(local_reference[name].shape)}"
-                               f"; the layer's weight is (out, in) = {tuple(shape)}")
-        refs[name] = local_reference[name].detach()
-    return refs
-
-
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """CPU copies of everything training changes: the parameters with requires_grad, and the
-    scale/zero buffers of the fake-quantized layers."""
-    state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
-             if p.requires_grad}
-    for name, fq in fake_quant_layers(model).items():
-        for b, t in fq.named_buffers(recurse=False):
-            state[f"{name}.{b}" if name else b] = t.detach().to("cpu", copy=True)
-    return state
-
-
-@torch.no_grad()
-def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    for name, value in state.items():
-        tensors[name].copy_(value)
-
-
-def _check_extras(model, config: TrainConfig, teacher, validate_fn) -> None:
-    if config.loss == "kd" and teacher is None:
-        raise OptionsError("loss kd distills from a frozen FP model: pass teacher= (a copy of the "
-                           "model made before qaft.prepare; qaft.finetune_qaft makes one)")
-    if teacher is not None and config.loss != "kd":
-        raise OptionsError(f"a teacher was given but loss is {config.loss!r}; set "
-                           "TrainConfig(loss='kd'), or leave teacher out")
-    if teacher is not None and teacher is model:
-        raise OptionsError("the teacher is the model being trained (its KL to itself is 0); pass "
-                           "a frozen copy, e.g. copy.deepcopy(model) before qaft.prepare")
-    if config.validate_every and validate_fn is None:
-        raise OptionsError(f"validate_every={config.validate_every} needs validate_fn=, a "
-                           "callable(model) -> validation NLL")
-    if validate_fn is not None and not config.validate_every:
-        raise OptionsError("validate_fn is called every validate_every steps, and "
-                           "validate_every is 0: set TrainConfig(validate_every=k), or leave "
-                           "validate_fn out")
-
-
-def _fresh_accelerator_state(mixed_precision: str) -> None:
-    """accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with
-    another mixed precision; a library called twice (fp32, then bf16) must not fail for that.
-    Only the accelerator part is reset: the process group (PartialState) stays."""
-    from accelerate.state import AcceleratorState
-
-    if AcceleratorState._shared_state and \
-            str(AcceleratorState().mixed_precision) != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
@@ -543,7 +309,8 @@ def finetune(model: nn.Module, blocks: torch.Tensor | DataSource,
                         config.checkpoint_every and step % config.checkpoint_every == 0)):
                     write_checkpoint()
                 bar.update(1)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+                bar.set_postfix(loss=f"{mean_loss:.3f}",
+                                tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
                 if step >= total_steps or stopped_early:
                     break
             else:  # the epoch is exhausted: the next one, in a new order
