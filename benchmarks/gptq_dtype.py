@@ -263,7 +263,7 @@ def main() -> None:
         return
 
     from compare.io import write_json
-    from recipes.common import versions
+    from recipes.shared.common import versions
 
     tokens = prepare(args)
     rows: list[dict] = []

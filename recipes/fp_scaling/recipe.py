@@ -33,9 +33,9 @@ from ptq.formats import parse_spec
 from qaft.fp_train import POSITIONS, QTrainConfig
 from qaft.pretrain import SIZES, ModelConfig, check_memory
 from qaft.train import TrainConfig
-from recipes.common import ConfigError, out_folder
-from recipes.flags import option
-from recipes.training_common import RecipeSpec, Workbench
+from recipes.shared.common import ConfigError, out_folder
+from recipes.shared.flags import option
+from recipes.shared.training import RecipeSpec, Workbench
 
 __all__ = ["FPScalingConfig", "PRESETS", "plan", "run_recipe", "build_parser", "run", "SCHEMA"]
 
@@ -150,7 +150,7 @@ def plan(cfg: FPScalingConfig) -> list[tuple[str, str, int, str, int]]:
 
 def run_recipe(cfg: FPScalingConfig, out: Path, *, fresh: bool = False,
                progress: bool = True) -> dict:
-    from recipes.fp_scaling_report import write_outputs
+    from recipes.fp_scaling.report import write_outputs
 
     for s in cfg.sizes:
         check_memory(cfg.model_config(s), cfg.batch_size)
@@ -209,6 +209,3 @@ RECIPE = RecipeSpec("fp-scaling", FPScalingConfig, PRESETS, SCHEMA,
                     "parameters on wikitext-103", __doc__, run_recipe)
 build_parser, config_from_args, run, main = (RECIPE.build_parser, RECIPE.config_from_args,
                                              RECIPE.run, RECIPE.main)
-
-if __name__ == "__main__":
-    main()

@@ -12,9 +12,9 @@ weights. Every solution is measured the same way (compare.probes): held-out NLL,
 KL(FP || Q) on `eval_tokens`; on the first `probe_tokens` of them, the per-layer local loss with
 FP and with propagated inputs, the gradient cosine, and the loss along W + t (W_hat - W) and along
 a random direction of the same per-layer norms. Then the one-layer sensitivity (RTN) per bit
-width and the random-direction radius, and the summary (recipes.misalignment_report).
+width and the random-direction radius, and the summary (recipes.misalignment.report).
 
-DIR/results.json (schema in recipes.misalignment_report.SCHEMA_DOC), DIR/layers.csv, DIR/*.png
+DIR/results.json (schema in recipes.misalignment.report.SCHEMA_DOC), DIR/layers.csv, DIR/*.png
 and DIR/report.md. Each finished unit (a solution, a sensitivity sweep, the radius) is written
 atomically as it completes; a rerun with the same config skips them, and a rerun that only adds
 widths, methods or seeds (same first seed, everything else equal) measures just the new units.
@@ -30,12 +30,18 @@ from pathlib import Path
 
 from compare.io import write_json
 from compare.probes import random_radius
-from recipes.common import out_folder, previous_results, resolve_device, versions
-from recipes.flags import given_fields
-from recipes.misalignment_config import (PRESETS, MisalignmentConfig, add_config_flags,
-                                         load_config)
-from recipes.misalignment_report import SCHEMA, SCHEMA_DOC, write_outputs
-from recipes.misalignment_study import Plan, Study, measure, plan_runs, sensitivity
+from recipes.misalignment.config import PRESETS, MisalignmentConfig, add_config_flags, load_config
+from recipes.misalignment.measure import measure, sensitivity
+from recipes.misalignment.report import SCHEMA, SCHEMA_DOC, write_outputs
+from recipes.misalignment.study import Plan, Study, plan_runs
+from recipes.shared.common import (
+    out_folder,
+    previous_results,
+    resolve_device,
+    run_or_exit,
+    versions,
+)
+from recipes.shared.flags import given_fields
 
 __all__ = ["Plan", "plan_runs", "extends", "run_study", "run", "build_parser", "config_from_args",
            "main"]
@@ -160,10 +166,5 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> None:
-    from recipes.cli import run_or_exit
-
     run_or_exit(run, build_parser().parse_args(argv))
 
-
-if __name__ == "__main__":
-    main()

@@ -33,9 +33,9 @@ from compare.io import write_json
 from compare.outliers import activation_outliers, summarize
 from qaft.pretrain import ModelConfig, check_memory
 from qaft.train import TrainConfig
-from recipes.common import ConfigError, out_folder
-from recipes.flags import coerce, option
-from recipes.training_common import RecipeSpec, Workbench, settings_of
+from recipes.shared.common import ConfigError, out_folder
+from recipes.shared.flags import coerce, option
+from recipes.shared.training import RecipeSpec, Workbench, settings_of
 
 __all__ = ["ChoicesConfig", "PRESETS", "FACTORS", "Choice", "plan", "run_recipe",
            "build_parser", "run", "SCHEMA"]
@@ -169,7 +169,7 @@ def plan(cfg: ChoicesConfig) -> list[Choice]:
 
 def run_recipe(cfg: ChoicesConfig, out: Path, *, fresh: bool = False,
                progress: bool = True) -> dict:
-    from recipes.optimizer_choices_report import write_outputs
+    from recipes.optimizer_choices.report import write_outputs
 
     check_memory(cfg.model_config(0.0, 0), cfg.batch_size)
     out = out_folder(out)
@@ -217,6 +217,3 @@ RECIPE = RecipeSpec("optimizer-choices", ChoicesConfig, PRESETS, SCHEMA,
                     "wikitext-103", __doc__, run_recipe)
 build_parser, config_from_args, run, main = (RECIPE.build_parser, RECIPE.config_from_args,
                                              RECIPE.run, RECIPE.main)
-
-if __name__ == "__main__":
-    main()

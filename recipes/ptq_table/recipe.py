@@ -20,15 +20,28 @@ from compare.data import budget_blocks, load_text
 from compare.evaluate import evaluate_nll, heldout_windows
 from compare.io import atomic_write_text, write_json
 from compare.memory import PeakRSS
-from compare.plots import new_figure, save_figure
 from compare.models import check_seq_len, load_model
+from compare.plots import new_figure, save_figure
 from ptq import quantize_model
 from ptq.formats import parse_spec
 from ptq.registry import get_method
-from recipes.common import (WeightSnapshot, at_least, check_specs, finished_rows, out_folder,
-                            resolve_device, versions)
-from recipes.flags import from_args
-from recipes.quantization import CalibConfig, add_calib_flags, add_method_flags, method_options
+from recipes.shared.common import (
+    WeightSnapshot,
+    at_least,
+    check_specs,
+    finished_rows,
+    out_folder,
+    resolve_device,
+    run_or_exit,
+    versions,
+)
+from recipes.shared.flags import from_args
+from recipes.shared.quantization import (
+    CalibConfig,
+    add_calib_flags,
+    add_method_flags,
+    method_options,
+)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -158,10 +171,5 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> None:
-    from recipes.cli import run_or_exit
-
     run_or_exit(run, build_parser().parse_args(argv))
 
-
-if __name__ == "__main__":
-    main()

@@ -18,18 +18,25 @@ import dataclasses
 import time
 from pathlib import Path
 
+import qaft
 from compare.data import DataBudget, budget_blocks, load_text
 from compare.evaluate import evaluate_nll, heldout_windows
 from compare.io import atomic_write_text, write_json
 from compare.memory import PeakRSS
-from compare.plots import new_figure, save_figure
 from compare.models import check_seq_len, load_model
-import qaft
+from compare.plots import new_figure, save_figure
 from ptq import quantize_model
 from ptq.formats import parse_spec
 from ptq.gptq import GPTQOptions
-from recipes.common import (at_least, check_specs, finished_rows, out_folder, resolve_device,
-                            versions)
+from recipes.shared.common import (
+    at_least,
+    check_specs,
+    finished_rows,
+    out_folder,
+    resolve_device,
+    run_or_exit,
+    versions,
+)
 
 METHODS = ("rtn", "gptq", "qaft")
 
@@ -154,10 +161,5 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> None:
-    from recipes.cli import run_or_exit
-
     run_or_exit(run, build_parser().parse_args(argv))
 
-
-if __name__ == "__main__":
-    main()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from ptq.layers import linear_weight, quantizable_linears, set_linear_weight
 
 __all__ = ["ConfigError", "at_least", "check_specs", "out_folder", "out_file", "previous_results",
            "resolve_device",
-           "versions", "finished_rows", "WeightSnapshot"]
+           "versions", "finished_rows", "WeightSnapshot", "run_or_exit"]
 
 
 class ConfigError(QalignError):
@@ -142,3 +143,12 @@ class WeightSnapshot:
     def restore(self) -> None:
         for (_, module), w in zip(self.layers, self.saved):
             set_linear_weight(module, w)
+
+
+def run_or_exit(fn, args):
+    """fn(args); a QalignError (any mistake in the input) becomes one line on stderr, exit 2."""
+    try:
+        return fn(args)
+    except QalignError as e:
+        print(f"qalign: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

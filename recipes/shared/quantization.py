@@ -1,8 +1,8 @@
 """Command-line wiring of PTQ: method selection, each method's options, the calibration budget.
 
 Every registered method's options dataclass becomes a group of flags in the method's own
-namespace (`--gptq-damp`, `--gptq-act-order`, `--rtn-clip-search`, ...; recipes.flags); a flag of
-a method that is not selected is an error. Methods that calibrate get a `DataBudget` of
+namespace (`--gptq-damp`, `--gptq-act-order`, `--rtn-clip-search`, ...; recipes.shared.flags); a
+flag of a method that is not selected is an error. Methods that calibrate get a `DataBudget` of
 `--samples x --seq-len` tokens from the train split of `--data` and `ptq.quantize_model` runs
 them block by block; the budget flags are refused for a data-free method.
 """
@@ -18,7 +18,7 @@ from ptq import PTQResult, quantize_model
 from ptq.errors import OptionsError
 from ptq.formats import QuantSpec
 from ptq.registry import available_methods, get_method
-from recipes.flags import add_dataclass_flags, flag_name, from_args, given_fields
+from recipes.shared.flags import add_dataclass_flags, flag_name, from_args, given_fields
 
 __all__ = ["CalibConfig", "add_method_flags", "add_calib_flags", "method_options",
            "calib_config", "run_ptq", "layer_table"]

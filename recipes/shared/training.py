@@ -1,8 +1,8 @@
-"""What the training recipes (training-dynamics, optimizer-choices, fp-scaling) share: one tokenizer per output
-folder, small-model runs through `qaft.pretrain` that resume where they stopped and are skipped
-once finished, and the PTQ robustness of a checkpoint (`compare.robustness`) measured the same way
-for every run: held-out NLL in full precision and after each PTQ setting, calibrated on one fixed
-draw of train-split blocks.
+"""What the training recipes (training-dynamics, optimizer-choices, fp-scaling) share: one
+tokenizer per output folder, small-model runs through `qaft.pretrain` that resume where they
+stopped and are skipped once finished, and the PTQ robustness of a checkpoint
+(`compare.robustness`) measured the same way for every run: held-out NLL in full precision and
+after each PTQ setting, calibrated on one fixed draw of train-split blocks.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from qaft.averaging import load_average
 from qaft.fp_train import QTrainConfig
 from qaft.pretrain import ModelConfig, build_model, train_tokenizer
 from qaft.train import TrainConfig
-from recipes.common import ConfigError, previous_results, versions
-from recipes.flags import add_dataclass_flags, given_fields, load_preset_config
-from recipes.pretrain import finished, pretrain
+from recipes.shared.common import ConfigError, previous_results, run_or_exit, versions
+from recipes.shared.flags import add_dataclass_flags, given_fields, load_preset_config
+from recipes.shared.pretraining import finished, pretrain
 
 __all__ = ["Workbench", "settings_of", "RecipeSpec"]
 
@@ -140,8 +140,6 @@ class RecipeSpec:
         return self.run_recipe(self.config_from_args(args), args.out, fresh=args.fresh)
 
     def main(self, argv=None) -> None:
-        from recipes.cli import run_or_exit
-
         run_or_exit(self.run, self.build_parser().parse_args(argv))
 
     def state(self, path: Path, cfg, fresh: bool, **empty) -> dict:

@@ -17,7 +17,7 @@ import itertools
 import random
 
 from ptq.errors import OptionsError
-from recipes.flags import coerce
+from recipes.shared.flags import coerce
 
 __all__ = ["grid", "draw_trials", "parse_space_entry", "merge_spaces"]
 

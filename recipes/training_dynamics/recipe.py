@@ -14,7 +14,7 @@ Llama models are trained from one initialisation on the train split (`qaft.pretr
   cosine     warmup, then cosine decay to 0 over `steps` steps
 and at every checkpoint (and at LAWA averages of the last `lawa_window` constant-run checkpoints)
 the held-out NLL in full precision and after each PTQ setting (RTN and GPTQ, 3 and 4 bits) is
-measured (`recipes.training_common`).
+measured (`recipes.shared.training`).
 
 Writes DIR/results.json (config, versions, runs, one row per measured point), DIR/points.csv,
 DIR/trajectories.png, DIR/quantized_vs_fp.png, DIR/averaging.png and DIR/report.md, whose
@@ -34,9 +34,9 @@ from qaft.averaging import lawa
 from qaft.checkpoints import checkpoint_steps
 from qaft.pretrain import ModelConfig, check_memory
 from qaft.train import TrainConfig
-from recipes.common import ConfigError, out_folder
-from recipes.flags import option
-from recipes.training_common import RecipeSpec, Workbench, settings_of
+from recipes.shared.common import ConfigError, out_folder
+from recipes.shared.flags import option
+from recipes.shared.training import RecipeSpec, Workbench, settings_of
 
 __all__ = ["DynamicsConfig", "PRESETS", "Run", "plan", "run_recipe", "build_parser", "run",
            "SCHEMA"]
@@ -172,7 +172,7 @@ def plan(cfg: DynamicsConfig) -> list[Run]:
 
 def run_recipe(cfg: DynamicsConfig, out: Path, *, fresh: bool = False,
                progress: bool = True) -> dict:
-    from recipes.training_dynamics_report import write_outputs
+    from recipes.training_dynamics.report import write_outputs
 
     check_memory(cfg.model_config, cfg.batch_size)
     out = out_folder(out)
@@ -234,6 +234,3 @@ RECIPE = RecipeSpec("training-dynamics", DynamicsConfig, PRESETS, SCHEMA,
                     "wikitext-103", __doc__, run_recipe)
 build_parser, config_from_args, run, main = (RECIPE.build_parser, RECIPE.config_from_args,
                                              RECIPE.run, RECIPE.main)
-
-if __name__ == "__main__":
-    main()

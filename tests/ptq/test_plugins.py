@@ -88,7 +88,7 @@ def test_entry_point_plugins_load_lazily_and_a_broken_one_is_reported(tmp_path, 
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight,
                        ptq.fake_quantize(w * 0.25, "int4"))
     from recipes.cli import build_parser, cmd_methods
-    from recipes.quantization import method_options
+    from recipes.shared.quantization import method_options
 
     args = build_parser().parse_args(["quantize", "--spec", "int4", "--method", "ep-half",
                                       "--ep-half-factor", "0.3", "--out", str(tmp_path / "q")])

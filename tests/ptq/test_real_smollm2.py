@@ -3,7 +3,7 @@ import pytest
 import ptq
 from compare.data import load_text
 from compare.evaluate import evaluate_nll, heldout_windows
-from recipes.common import WeightSnapshot
+from recipes.shared.common import WeightSnapshot
 
 
 @pytest.mark.real

@@ -6,8 +6,9 @@ import torch
 import ptq
 import ptq.checkpoint
 from compare.models import load_model
-from recipes import cli, ptq_table
-from recipes.common import ConfigError
+from recipes import cli
+from recipes.ptq_table import recipe as ptq_table
+from recipes.shared.common import ConfigError
 
 
 @pytest.mark.parametrize("argv", [[], ["prepare"], ["quantize"], ["eval"], ["recipe"],
@@ -100,7 +101,7 @@ def test_option_flag_of_another_method_is_an_error(tiny_model_dir, tmp_path, cap
 def test_each_method_has_its_own_flags_and_defaults():
     # two methods with a field of the same name (clip_search) get two flags, each with its own
     # method's default in the help, and each reaches only its own method's options
-    from recipes.quantization import method_options
+    from recipes.shared.quantization import method_options
 
     parser = cli.build_parser()
     args = parser.parse_args(["quantize", "--spec", "int4", "--method", "gptq", "--out", "x",
@@ -118,7 +119,7 @@ def test_flags_follow_real_types_without_future_annotations():
     import argparse
     from dataclasses import dataclass
 
-    from recipes.flags import add_dataclass_flags, from_args, from_mapping
+    from recipes.shared.flags import add_dataclass_flags, from_args, from_mapping
 
     @dataclass(frozen=True)
     class PlainOptions:

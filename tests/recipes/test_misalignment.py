@@ -5,9 +5,9 @@ import pytest
 
 from compare.models import tiny_model
 from ptq.registry import METHODS, Method
-from recipes import misalignment
+from recipes.misalignment import recipe as misalignment
 from ptq.errors import QalignError
-from recipes.misalignment_config import load_config
+from recipes.misalignment.config import load_config
 from tests.conftest import make_tokenizer
 
 TINY = ["--bits", "2", "4", "--samples", "8", "--seq-len", "32", "--eval-seq-len", "32",
@@ -239,12 +239,12 @@ def test_tuning_with_a_one_point_grid_equals_the_untuned_run(tmp_path, tiny3, te
 
 
 def test_two_seeds_resume_and_aggregate(tmp_path, tiny3, text_file, monkeypatch):
-    from recipes import misalignment_study
+    from recipes.misalignment import measure as misalignment_measure
 
     out = tmp_path / "seeds"
     argv = _argv(tiny3, text_file, out, "--bits", "2", "--methods", "rtn", "gptq",
                  "--gptq-variants", "--seeds", "0", "1", "--no-tune")
-    real = misalignment_study.measure
+    real = misalignment_measure.measure
     done = []
 
     def stop_after_four(study, plan):
@@ -309,13 +309,13 @@ def test_worked_example_method_and_the_locality_ladder(tmp_path, tiny3, text_fil
 
 def test_a_study_grows_by_widths_and_seeds_without_recomputing(tmp_path, tiny3, text_file,
                                                                 monkeypatch, capsys):
-    from recipes import misalignment_study
+    from recipes.misalignment import measure as misalignment_measure
 
     grown, straight = tmp_path / "grown", tmp_path / "straight"
     base = ["--methods", "rtn", "gptq", "--gptq-variants", "--no-tune"]
     misalignment.main(_argv(tiny3, text_file, grown, *base, "--bits", "2", "--seeds", "0"))
     first = json.loads((grown / "results.json").read_text())["runs"]
-    real, measured = misalignment_study.measure, []
+    real, measured = misalignment_measure.measure, []
 
     def counting(study, plan):
         measured.append(plan.id)

@@ -13,7 +13,7 @@ from ptq.errors import OptionsError
 from qaft.averaging import average_state_dicts, lawa, lawa_steps, load_average, soup
 from qaft.pretrain import ModelConfig, build_model, train_tokenizer, unigram_nll
 from qaft.train import TrainConfig
-from recipes.pretrain import pretrain
+from recipes.shared.pretraining import pretrain
 from tests.conftest import markov_text
 
 TEXT = TextSplits("markov", markov_text(6000, 1), markov_text(1200, 2))
@@ -110,7 +110,19 @@ def test_the_command_trains_a_model_every_qalign_command_loads(tmp_path, capsys)
     evaluated = json.loads(printed[printed.index("{"):])
     # the same windows through `qalign eval` give the NLL pretraining reported
     assert evaluated["nll"] == pytest.approx(report["heldout_nll"], abs=1e-9)
+    # with no --seq-len, the default (512) is capped at the model's 32 positions, said once
+    cli.main(["eval", "--model", str(out), "--data", str(text), "--max-tokens", "512",
+              "--device", "cpu", "--dtype", "float32"])
+    printed = capsys.readouterr().out
+    assert "qalign: --seq-len 32: the model has 32 positions, fewer than the default 512" in printed
+    assert json.loads(printed[printed.index("{"):])["nll"] == evaluated["nll"]
+    # a length the user gives is kept, and refused when the model cannot hold it
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--model", str(out), "--data", str(text), "--seq-len", "64",
+                  "--device", "cpu"])
+    assert "--seq-len 64 exceeds the 32 positions" in capsys.readouterr().err
     cli.main(["quantize", "--model", str(out), "--data", str(text), "--spec", "int4-g16",
-              "--method", "gptq", "--samples", "4", "--seq-len", "32", "--device", "cpu",
+              "--method", "gptq", "--samples", "4", "--device", "cpu",
               "--out", str(tmp_path / "q")])
-    assert (tmp_path / "q" / "qalign-quant.json").is_file()
+    assert json.loads((tmp_path / "q" / "qalign-quant.json").read_text())["budget"][
+        "seq_len"] == 32  # the default block length, capped at the model's positions

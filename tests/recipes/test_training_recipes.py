@@ -7,11 +7,11 @@ import statistics
 import pytest
 
 from compare.evaluate import evaluate_nll
-from recipes.pretrain import finished
-from recipes.common import ConfigError
+from recipes.shared.pretraining import finished
+from recipes.shared.common import ConfigError
 from recipes.optimizer_choices import ChoicesConfig, plan as choices_plan
 from recipes.optimizer_choices import run_recipe as run_choices
-from recipes.training_common import Workbench
+from recipes.shared.training import Workbench
 from recipes.training_dynamics import DynamicsConfig, plan as dynamics_plan
 from recipes.training_dynamics import run_recipe as run_dynamics
 from tests.conftest import markov_text

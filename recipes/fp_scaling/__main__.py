@@ -1,0 +1,5 @@
+"""`python -m recipes.fp_scaling`: the same as `qalign recipe fp-scaling`."""
+
+from .recipe import main
+
+main()

@@ -1,0 +1,5 @@
+"""`python -m recipes.training_dynamics`: the same as `qalign recipe training-dynamics`."""
+
+from .recipe import main
+
+main()
