@@ -6,14 +6,15 @@ Methods that calibrate (a Hessian H = 2/n X^T X per layer, or the inputs X thems
 by block on `calib` (`ptq.sequential`); methods that need no data (RTN) visit the layers directly,
 unless `calib` is given, in which case they go through the same driver so that their per-layer
 record also holds the output error on the calibration inputs. Every path returns one
-`PTQResult` with one `LayerRecord` per layer. Every layer's shape is checked against the spec
-before any weight changes.
+`PTQResult` with one `LayerRecord` per layer (the dataclasses live in `ptq.records`, below
+both this module and the driver, and are re-exported here). Every layer's shape is checked
+against the spec before any weight changes.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -21,69 +22,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocator import release_freed_memory
 from .errors import QalignError
-from .formats import QuantizedTensor, QuantSpec, parse_spec
+from .formats import QuantSpec, parse_spec
 from .layers import FilterFn, linear_weight, select_linears, set_linear_weight
 from .metrics import weight_relative_error
+from .records import BlockRecord, LayerRecord, PTQResult
 from .registry import get_method
+from .sequential import quantize_blocks
 from .validate import check_result
 
 __all__ = ["BlockRecord", "LayerRecord", "PTQResult", "quantize_model"]
-
-
-@dataclass
-class LayerRecord:
-    """What happened to one layer. The calibration fields are None for a data-free run."""
-
-    name: str
-    block: int | None  # decoder block index (None outside the blocks, e.g. lm_head)
-    shape: tuple[int, int]  # (out, in)
-    method: str
-    spec: str
-    weight_rel_error: float  # ||W - W_hat||^2 / ||W||^2
-    proxy_loss: float | None = None  # tr(dW H dW^T) on the calibration inputs
-    rel_output_error: float | None = None  # ||X dW^T||^2 / ||X W^T||^2 on the same inputs
-    damp: float | None = None  # damping the method used, if it has one
-    n_tokens: int = 0  # calibration tokens the layer saw
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class BlockRecord:
-    """The block-level local loss of one decoder block, on the calibration inputs it received:
-    ||Y_q - Y||^2 / ||Y - X||^2, the quantized block's output error against the FP block's
-    outputs Y, relative to what the FP block adds to its input X (the residual stream itself
-    would make every block look nearly exact)."""
-
-    block: int
-    rel_output_error: float
-    n_tokens: int
-    seconds: float = 0.0  # the block's calibration, quantization and error passes
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class PTQResult:
-    method: str
-    spec: str
-    options: dict
-    layers: list[LayerRecord]
-    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)  # for save_quantized
-    calibration_tokens: int = 0  # unique tokens of the budget (0 for a data-free run)
-    seconds: float = 0.0
-    blocks: list[BlockRecord] = field(default_factory=list)  # empty for a data-free run
-
-    def to_dict(self) -> dict:
-        """JSON-ready summary (without the codes)."""
-        return {"method": self.method, "spec": self.spec, "options": self.options,
-                "calibration_tokens": self.calibration_tokens, "seconds": self.seconds,
-                "layers": [r.to_dict() for r in self.layers],
-                "blocks": [b.to_dict() for b in self.blocks]}
 
 
 def _block_index(name: str, model: nn.Module) -> int | None:
@@ -132,9 +81,6 @@ def quantize_model(model: nn.Module, spec: QuantSpec | str, method: str = "rtn",
         raise QalignError(f"true_sequential orders the layers inside a block; the block method "
                           f"{method!r} quantizes each block at once: leave it off")
     if calib is not None:
-        from .allocator import release_freed_memory
-        from .sequential import quantize_blocks
-
         _check_calib(model, calib)
 
         records, quantized, blocks = quantize_blocks(

@@ -43,7 +43,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocator import release_freed_memory
-from .apply import BlockRecord, LayerRecord
 from .arch import block_prefix, decoder_blocks
 from .capture import DiskActivations, block_output, capture_block_inputs
 from .errors import QalignError
@@ -52,6 +51,7 @@ from .hessian import HessianAccumulator
 from .layers import linear_weight, set_linear_weight
 from .metrics import (block_error_sums, layer_loss, ratio, relative_output_error_from_hessian,
                       weight_relative_error)
+from .records import BlockRecord, LayerRecord
 from .registry import BlockData, LayerStats, Method
 from .validate import MethodResultError, check_result
 
@@ -89,7 +89,8 @@ def _input_groups(block: nn.Module, layers: dict[str, nn.Module], inputs, kwargs
         alive.append(args[0])
         seen.setdefault(id(args[0]), []).append(name)
 
-    handles = [m.register_forward_hook(lambda mod, args, out, name=name: record(mod, args, out, name))
+    handles = [m.register_forward_hook(
+                   lambda mod, args, out, name=name: record(mod, args, out, name))
                for name, m in layers.items()]
     try:
         _run_block(block, [inputs[0]], kwargs_list[:1])
