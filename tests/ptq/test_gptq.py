@@ -131,7 +131,10 @@ def test_bfloat16_inputs_get_float32_products_and_sums_in_the_fast_gemm(scale):
     tol = 4 * float((X.float().T @ X.float()).double().sub(ref).abs().max())
     got = gram(X)
     assert got.dtype == torch.float32 and torch.backends.mkldnn.matmul.fp32_precision == before
-    assert float((got.double() - ref).abs().max()) <= max(tol, 1e-6 * float(ref.abs().max()))
+    # float32 sums of 2000 products land a few ulps from float64 in an order that depends on the
+    # GEMM's blocking (it differs between CPUs: 4.01x the plain GEMM's error on one machine), so
+    # the floor is 1e-5 relative: 10x what float32 sums show here, 400x below bfloat16 sums
+    assert float((got.double() - ref).abs().max()) <= max(tol, 1e-5 * float(ref.abs().max()))
     acc = ptq.HessianAccumulator(96)
     for chunk in X.split(700):
         acc.update(chunk)
