@@ -195,4 +195,5 @@ def load_config(preset: str = "quick", yaml_path: Path | None = None,
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per config field (lists take several values), set only when given."""
-    add_dataclass_flags(p, MisalignmentConfig, default_label="quick preset")
+    add_dataclass_flags(p, MisalignmentConfig, defaults=PRESETS["quick"],
+                        default_label="quick preset")
