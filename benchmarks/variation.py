@@ -93,7 +93,10 @@ def main(argv=None) -> None:
                     rows.append(r)
     if not same:
         raise SystemExit("the folders share no solution with the same chosen options")
-    text = report(same, chose_else, (args.a.name, "+".join(b.name for b in args.b)))
+    names = (args.a.name, "+".join(b.name for b in args.b))
+    if names[0] == names[1]:  # two folders of one name (results/misalignment): say which is which
+        names = (str(args.a), "+".join(map(str, args.b)))
+    text = report(same, chose_else, names)
     print(text, end="")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
