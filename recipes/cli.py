@@ -21,14 +21,8 @@ from importlib import metadata
 
 from compare.models import EMBEDDED_MODELS
 from ptq.allocator import tune_allocator
-from recipes import (
-    fp_scaling,
-    misalignment,
-    optimizer_choices,
-    ptq_table,
-    same_budget,
-    training_dynamics,
-)
+from recipes import (fp_scaling, misalignment, optimizer_choices, ptq_table, same_budget,
+                     training_dynamics)
 from recipes.commands.args import DEFAULT_SEQ_LEN, bos_arg, eval_args, model_args
 from recipes.commands.evaluate import cmd_eval
 from recipes.commands.finetune import add_finetune_flags, cmd_finetune

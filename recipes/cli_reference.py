@@ -47,7 +47,7 @@ def _default(action: argparse.Action) -> str:
     if action.default in (None, argparse.SUPPRESS) or action.required:
         return "required" if action.required else ""
     if isinstance(action.default, (list, tuple)):
-        return " ".join(map(str, action.default)) or ""
+        return " ".join(map(str, action.default))
     if action.nargs == 0 and action.default is False:
         return ""
     return f"`{action.default}`"

@@ -8,10 +8,10 @@ import argparse
 from compare.dtypes import describe_dtype_choice, resolve_dtype
 from compare.models import fit_seq_len
 from recipes.shared.common import at_least, resolve_device
+from recipes.shared.quantization import DEFAULT_SEQ_LEN
 
-__all__ = ["DEFAULT_SEQ_LEN", "model_args", "eval_args", "bos_arg", "compute_dtype", "seq_len_for"]
-
-DEFAULT_SEQ_LEN = 512  # tokens per window or block, unless the model has fewer positions
+__all__ = ["DEFAULT_SEQ_LEN", "model_args", "eval_args", "bos_arg", "compute_dtype",
+           "seq_len_for"]
 
 
 def model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
@@ -55,12 +55,11 @@ def compute_dtype(args):
     return resolve_dtype(args.dtype, device)
 
 
-def seq_len_for(model, seq_len: int | None, given: bool | None = None) -> int:
-    """--seq-len for this model: as given, or the default capped at the model's positions (said
-    in one line). `seq_len` None means the flag was left out; `given` overrides that reading for
-    flags whose default is filled in before the model loads."""
-    given = seq_len is not None if given is None else given
-    chosen, note = fit_seq_len(model, DEFAULT_SEQ_LEN if seq_len is None else seq_len, given)
+def seq_len_for(model, seq_len: int | None) -> int:
+    """--seq-len for this model: as given (None: the flag was left out), or the default capped at
+    the model's positions, said in one line."""
+    given = seq_len is not None
+    chosen, note = fit_seq_len(model, seq_len if given else DEFAULT_SEQ_LEN, given)
     if note:
         print(f"qalign: {note}", flush=True)
     return chosen

@@ -15,13 +15,8 @@ from ptq.formats import parse_spec
 from recipes.commands.args import compute_dtype, seq_len_for
 from recipes.shared.common import out_folder, resolve_device, versions
 from recipes.shared.flags import given_fields
-from recipes.shared.quantization import (
-    CalibConfig,
-    calib_config,
-    layer_table,
-    method_options,
-    run_ptq,
-)
+from recipes.shared.quantization import (CalibConfig, calib_config, layer_table, method_options,
+                                         run_ptq)
 
 __all__ = ["cmd_quantize"]
 
@@ -42,8 +37,8 @@ def cmd_quantize(args) -> None:
     model, tokenizer = load_model(args.model, device=device, dtype=dtype,
                                   trust_remote_code=args.trust_remote_code)
     if calib is not None:  # a default block length longer than the model's context is capped
-        given = "seq_len" in given_fields(CalibConfig, args)
-        calib = dataclasses.replace(calib, seq_len=seq_len_for(model, calib.seq_len, given))
+        given = given_fields(CalibConfig, args).get("seq_len")
+        calib = dataclasses.replace(calib, seq_len=seq_len_for(model, given))
     res, budget = run_ptq(model, tokenizer, text, spec, args.method, options, calib,
                           add_bos=args.add_bos)
     if args.export == "compressed-tensors":

@@ -16,13 +16,8 @@ from ptq.formats import parse_spec
 from ptq.gptq import GPTQOptions
 from ptq.registry import available_methods
 from recipes.shared.common import ConfigError
-from recipes.shared.flags import (
-    add_dataclass_flags,
-    coerce,
-    field_types,
-    load_preset_config,
-    option,
-)
+from recipes.shared.flags import (add_dataclass_flags, coerce, field_types, load_preset_config,
+                                  option)
 
 QAFT_ARMS = {"qaft": "rtn", "qaft-mse": "mse", "qaft-gptq": "gptq"}  # method -> QAFT init
 

@@ -17,13 +17,8 @@ import qaft
 from compare.alignment import first_crossing
 from compare.evaluate import evaluate_nll
 from compare.memory import PeakRSS
-from compare.probes import (
-    nll_along,
-    one_layer_sensitivity,
-    random_direction,
-    solution_weights,
-    swapped_weights,
-)
+from compare.probes import (nll_along, one_layer_sensitivity, random_direction, solution_weights,
+                            swapped_weights)
 from ptq import quantize_model
 from ptq.arch import decoder_blocks
 from ptq.layers import linear_weight

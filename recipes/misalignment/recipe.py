@@ -34,13 +34,8 @@ from recipes.misalignment.config import PRESETS, MisalignmentConfig, add_config_
 from recipes.misalignment.measure import measure, sensitivity
 from recipes.misalignment.report import SCHEMA, SCHEMA_DOC, write_outputs
 from recipes.misalignment.study import Plan, Study, plan_runs
-from recipes.shared.common import (
-    out_folder,
-    previous_results,
-    resolve_device,
-    run_or_exit,
-    versions,
-)
+from recipes.shared.common import (out_folder, previous_results, resolve_device, run_or_exit,
+                                   versions)
 from recipes.shared.flags import given_fields
 
 __all__ = ["Plan", "plan_runs", "extends", "run_study", "run", "build_parser", "config_from_args",

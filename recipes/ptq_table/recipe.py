@@ -25,23 +25,11 @@ from compare.plots import new_figure, save_figure
 from ptq import quantize_model
 from ptq.formats import parse_spec
 from ptq.registry import get_method
-from recipes.shared.common import (
-    WeightSnapshot,
-    at_least,
-    check_specs,
-    finished_rows,
-    out_folder,
-    resolve_device,
-    run_or_exit,
-    versions,
-)
+from recipes.shared.common import (WeightSnapshot, at_least, check_specs, finished_rows,
+                                   out_folder, resolve_device, run_or_exit, versions)
 from recipes.shared.flags import from_args
-from recipes.shared.quantization import (
-    CalibConfig,
-    add_calib_flags,
-    add_method_flags,
-    method_options,
-)
+from recipes.shared.quantization import (CalibConfig, add_calib_flags, add_method_flags,
+                                         method_options)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

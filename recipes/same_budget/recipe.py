@@ -28,15 +28,8 @@ from compare.plots import new_figure, save_figure
 from ptq import quantize_model
 from ptq.formats import parse_spec
 from ptq.gptq import GPTQOptions
-from recipes.shared.common import (
-    at_least,
-    check_specs,
-    finished_rows,
-    out_folder,
-    resolve_device,
-    run_or_exit,
-    versions,
-)
+from recipes.shared.common import (at_least, check_specs, finished_rows, out_folder,
+                                   resolve_device, run_or_exit, versions)
 
 METHODS = ("rtn", "gptq", "qaft")
 

@@ -24,14 +24,8 @@ from compare.io import write_json
 from ptq.errors import OptionsError
 from qaft.checkpoints import checkpoint_meta
 from qaft.fp_train import QTrainConfig, prepare_qtrain, restore_linears
-from qaft.pretrain import (
-    ModelConfig,
-    build_model,
-    check_memory,
-    parameter_count,
-    train_blocks,
-    unigram_nll,
-)
+from qaft.pretrain import (ModelConfig, build_model, check_memory, parameter_count, train_blocks,
+                           unigram_nll)
 from qaft.train import TrainConfig, TrainResult, finetune
 
 __all__ = ["pretrain", "PretrainResult", "finished", "REPORT"]

@@ -20,8 +20,10 @@ from ptq.formats import QuantSpec
 from ptq.registry import available_methods, get_method
 from recipes.shared.flags import add_dataclass_flags, flag_name, from_args, given_fields
 
-__all__ = ["CalibConfig", "add_method_flags", "add_calib_flags", "method_options",
-           "calib_config", "run_ptq", "layer_table"]
+__all__ = ["DEFAULT_SEQ_LEN", "CalibConfig", "add_method_flags", "add_calib_flags",
+           "method_options", "calib_config", "run_ptq", "layer_table"]
+
+DEFAULT_SEQ_LEN = 512  # tokens per block or window, unless the model has fewer positions
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,8 @@ class CalibConfig:
 
     samples: int = field(default=128, metadata={
         "help": "calibration budget: number of token blocks"})
-    seq_len: int = field(default=512, metadata={"help": "calibration block length in tokens"})
+    seq_len: int = field(default=DEFAULT_SEQ_LEN, metadata={
+        "help": "calibration block length in tokens"})
     seed: int = field(default=0, metadata={"help": "seed of the calibration draw"})
     true_sequential: bool = field(default=False, metadata={
         "help": "calibrate each group of layers after the earlier groups are quantized"})
